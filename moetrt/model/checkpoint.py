@@ -1,0 +1,272 @@
+"""Hugging Face Mixtral checkpoints: lazy, per-tensor reading and writing in the HF layout.
+
+A checkpoint directory holds `config.json` and either `model.safetensors` or shards listed in
+`model.safetensors.index.json`. Two tensor layouts exist and both are read:
+
+- per-expert (what `save_pretrained` writes by default, and every published Mixtral):
+  `model.layers.{i}.block_sparse_moe.gate.weight` [E, H] and
+  `model.layers.{i}.block_sparse_moe.experts.{j}.w1|w3.weight` [F, H], `.w2.weight` [H, F];
+- fused (transformers 5 with `save_original_format=False`): `model.layers.{i}.mlp.gate.weight`,
+  `model.layers.{i}.mlp.experts.gate_up_proj` [E, 2F, H] (w1 rows first, then w3) and `down_proj` [E, H, F].
+
+`CheckpointReader` yields moetrt's canonical tensors (see `Mixtral`: HF names without `model.`, experts
+stacked as `block_sparse_moe.w1|w3` [E, F, H] and `w2` [E, H, F]) one at a time from memory-mapped
+files, so loading or exporting never holds two copies of the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from moetrt.errors import MoetrtError
+from moetrt.fsutil import atomic_dir
+from moetrt.model.config import MixtralConfig
+from moetrt.model.mixtral import TORCH_DTYPES, Mixtral
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def canonical_shapes(config: MixtralConfig) -> dict[str, tuple[int, ...]]:
+    """Every canonical tensor name with its expected shape, in model order."""
+    h, f, e, d = config.hidden_size, config.intermediate_size, config.num_local_experts, config.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"embed_tokens.weight": (config.vocab_size, h)}
+    for i in range(config.num_hidden_layers):
+        p = f"layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (config.num_attention_heads * d, h),
+            p + "self_attn.k_proj.weight": (config.num_key_value_heads * d, h),
+            p + "self_attn.v_proj.weight": (config.num_key_value_heads * d, h),
+            p + "self_attn.o_proj.weight": (h, config.num_attention_heads * d),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "block_sparse_moe.gate.weight": (e, h),
+            p + "block_sparse_moe.w1": (e, f, h),
+            p + "block_sparse_moe.w3": (e, f, h),
+            p + "block_sparse_moe.w2": (e, h, f),
+        })  # fmt: skip
+    shapes["norm.weight"] = (h,)
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, h)
+    return shapes
+
+
+class CheckpointReader:
+    """Lazy access to a checkpoint's tensors under canonical names. Use as a context manager."""
+
+    def __init__(self, checkpoint_dir: str | Path):
+        self.dir = Path(checkpoint_dir)
+        if not self.dir.is_dir():
+            raise MoetrtError(f"{self.dir}: not a directory; expected a Hugging Face checkpoint directory")
+        self.config = MixtralConfig.from_pretrained(self.dir)
+        self._file_of = self._index()
+        self.fused = any(".mlp.experts.gate_up_proj" in name for name in self._file_of)
+        self._stack = ExitStack()
+        self._handles: dict[str, object] = {}
+
+    def _index(self) -> dict[str, str]:
+        index_path = self.dir / INDEX_FILE
+        if index_path.is_file():
+            try:
+                weight_map = json.loads(index_path.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise MoetrtError(f"{index_path}: malformed index, expected a 'weight_map' object ({err})") from None
+            for shard in set(weight_map.values()):
+                if not (self.dir / shard).is_file():
+                    raise MoetrtError(f"{self.dir / shard}: shard listed in {INDEX_FILE} is missing")
+            return dict(weight_map)
+        single = self.dir / SINGLE_FILE
+        if not single.is_file():
+            raise MoetrtError(f"{self.dir}: no {SINGLE_FILE} or {INDEX_FILE}; expected safetensors weights")
+        try:
+            with safe_open(single, framework="pt") as f:
+                return dict.fromkeys(f.keys(), SINGLE_FILE)
+        except (SafetensorError, OSError) as err:
+            raise MoetrtError(f"{single}: not a readable safetensors file ({err})") from None
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stack.close()
+        self._handles.clear()
+
+    def _handle(self, file: str):
+        if file not in self._handles:
+            try:
+                self._handles[file] = self._stack.enter_context(safe_open(self.dir / file, framework="pt"))
+            except (SafetensorError, OSError) as err:
+                raise MoetrtError(f"{self.dir / file}: not a readable safetensors file ({err})") from None
+        return self._handles[file]
+
+    def _raw(self, name: str) -> torch.Tensor:
+        if name not in self._file_of:
+            raise MoetrtError(f"{self.dir}: checkpoint is missing tensor '{name}'")
+        file = self._file_of[name]
+        try:
+            return self._handle(file).get_tensor(name)
+        except SafetensorError as err:
+            raise MoetrtError(f"{self.dir / file}: cannot read tensor '{name}' ({err})") from None
+
+    def _hf(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """One HF tensor, with its shape checked."""
+        t = self._raw(name)
+        if tuple(t.shape) != shape:
+            raise MoetrtError(f"{self.dir}: tensor '{name}' has shape {list(t.shape)}, expected {list(shape)}")
+        return t
+
+    def get(self, name: str) -> torch.Tensor:
+        """One canonical tensor (stacking or splitting experts as the layout needs), shape-checked."""
+        shape = canonical_shapes(self.config)[name]
+        parts = [self._hf(hf_name, hf_shape) for hf_name, hf_shape in self._hf_names(name, shape)]
+        part = name.rsplit(".block_sparse_moe.", 1)[-1]
+        if part not in ("w1", "w2", "w3"):
+            return parts[0]
+        if not self.fused:
+            return torch.stack(parts)
+        if part == "w2":
+            return parts[0]
+        f = self.config.intermediate_size
+        return (parts[0][:, :f] if part == "w1" else parts[0][:, f:]).contiguous()
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in canonical_shapes(self.config):
+            yield name, self.get(name)
+
+    def validate(self) -> None:
+        """Check every tensor's presence and shape from the file headers alone (no data read)."""
+        for name, shape in canonical_shapes(self.config).items():
+            for hf_name, hf_shape in self._hf_names(name, shape):
+                if hf_name not in self._file_of:
+                    raise MoetrtError(f"{self.dir}: checkpoint is missing tensor '{hf_name}'")
+                found = tuple(self._handle(self._file_of[hf_name]).get_slice(hf_name).get_shape())
+                if found != hf_shape:
+                    raise MoetrtError(
+                        f"{self.dir}: tensor '{hf_name}' has shape {list(found)}, expected {list(hf_shape)}"
+                    )
+
+    def _hf_names(self, name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
+        if ".block_sparse_moe." not in name:
+            return [(name if name == "lm_head.weight" else "model." + name, shape)]
+        layer, part = name.split(".block_sparse_moe.")
+        e, f, h = self.config.num_local_experts, self.config.intermediate_size, self.config.hidden_size
+        hf = "model." + layer
+        if self.fused:
+            fused = {
+                "gate.weight": ("mlp.gate.weight", shape),
+                "w2": ("mlp.experts.down_proj", shape),
+                "w1": ("mlp.experts.gate_up_proj", (e, 2 * f, h)),
+                "w3": ("mlp.experts.gate_up_proj", (e, 2 * f, h)),
+            }
+            suffix, s = fused[part]
+            return [(f"{hf}.{suffix}", s)]
+        if part == "gate.weight":
+            return [(f"{hf}.block_sparse_moe.gate.weight", shape)]
+        per_expert = (f, h) if part in ("w1", "w3") else (h, f)
+        return [(f"{hf}.block_sparse_moe.experts.{j}.{part}.weight", per_expert) for j in range(e)]
+
+
+def load_model(checkpoint_dir: str | Path, dtype: str | None = None, device: str = "cpu") -> Mixtral:
+    """Build the eager `Mixtral` from a checkpoint, one tensor at a time (dtype defaults to the config's)."""
+    with CheckpointReader(checkpoint_dir) as reader:
+        config = reader.config
+        torch_dtype = TORCH_DTYPES[dtype or config.dtype]
+        with torch.device("meta"):
+            model = Mixtral(config)
+        state = {}
+        for name, tensor in reader.tensors():
+            state[name] = tensor.to(device=device, dtype=torch_dtype)
+        if config.tie_word_embeddings:
+            state["lm_head.weight"] = state["embed_tokens.weight"]
+        model.load_state_dict(state, assign=True, strict=True)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+    return model.eval()
+
+
+def to_hf_tensors(name: str, tensor: torch.Tensor, fused: bool) -> dict[str, torch.Tensor]:
+    """Canonical tensor -> HF tensor(s) in the per-expert or fused layout."""
+    if ".block_sparse_moe." not in name:
+        return {name if name == "lm_head.weight" else "model." + name: tensor}
+    layer, part = name.split(".block_sparse_moe.")
+    hf = "model." + layer
+    if fused:
+        return {
+            {
+                "gate.weight": f"{hf}.mlp.gate.weight",
+                "w1": f"{hf}.mlp.experts.gate_up_proj.w1",
+                "w3": f"{hf}.mlp.experts.gate_up_proj.w3",
+                "w2": f"{hf}.mlp.experts.down_proj",
+            }[part]: tensor
+        }
+    if part == "gate.weight":
+        return {f"{hf}.block_sparse_moe.gate.weight": tensor}
+    return {f"{hf}.block_sparse_moe.experts.{j}.{part}.weight": tensor[j] for j in range(tensor.shape[0])}
+
+
+def save_checkpoint(
+    state: dict[str, torch.Tensor],
+    config: MixtralConfig,
+    out_dir: str | Path,
+    fused: bool = False,
+    max_shard_bytes: int = 2 * 1024**3,
+) -> Path:
+    """Write canonical tensors as a Hugging Face checkpoint (sharded past `max_shard_bytes`), atomically."""
+    out_dir = Path(out_dir)
+    hf: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        hf.update(to_hf_tensors(name, tensor.detach().contiguous(), fused))
+    if fused:
+        for key in [k for k in hf if k.endswith("gate_up_proj.w1")]:
+            base = key.removesuffix(".w1")
+            hf[base] = torch.cat((hf.pop(key), hf.pop(base + ".w3")), dim=1)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key in sorted(hf):
+        nbytes = hf[key].numel() * hf[key].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = hf[key].contiguous()
+        size += nbytes
+    with atomic_dir(out_dir) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
+        if len(shards) == 1:
+            save_file(shards[0], tmp / SINGLE_FILE, metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for n, shard in enumerate(shards, 1):
+                file = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, tmp / file, metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(shard, file))
+            total = sum(t.numel() * t.element_size() for t in hf.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return out_dir
+
+
+def checkpoint_hash(checkpoint_dir: str | Path) -> str:
+    """A cheap identity of a checkpoint: sha256 over config.json and each weight file's name, size and
+    safetensors header (names, dtypes, shapes, offsets) - not over the weight bytes, which may be 100 GB."""
+    d = Path(checkpoint_dir)
+    h = hashlib.sha256((d / "config.json").read_bytes())
+    for file in sorted(d.glob("*.safetensors")):
+        with open(file, "rb") as fh:
+            header_len = int.from_bytes(fh.read(8), "little")
+            h.update(file.name.encode())
+            h.update(str(file.stat().st_size).encode())
+            h.update(fh.read(min(header_len, 100_000_000)))
+    return h.hexdigest()
