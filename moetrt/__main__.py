@@ -1,0 +1,3 @@
+from moetrt.cli import main
+
+main()

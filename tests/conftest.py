@@ -1,0 +1,32 @@
+"""Shared fixtures: tiny seeded-random Mixtral checkpoints in the Hugging Face layout."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from moetrt.model.config import PRESETS, MixtralConfig
+from moetrt.model.testing import make_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> MixtralConfig:
+    return PRESETS["tiny"]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_config):
+    """A tiny fp32 checkpoint with a tokenizer; shared read-only by the whole session."""
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", tiny_config, seed=0)
+
+
+@pytest.fixture
+def checkpoint_factory(tmp_path):
+    """Make a checkpoint for a variant of the tiny config: factory(**overrides, seed=0, fused=False)."""
+
+    def make(seed: int = 0, fused: bool = False, **overrides):
+        config = dataclasses.replace(PRESETS["tiny"], **overrides)
+        return make_checkpoint(tmp_path / f"ckpt-{len(list(tmp_path.iterdir()))}", config, seed=seed, fused=fused)
+
+    return make
