@@ -1,0 +1,80 @@
+"""Next-token selection from float32 logits [B, V]: greedy, or temperature / top-k / top-p sampling.
+
+Everything is vectorised over the batch rows and runs on the host in numpy, once per decode step, so the
+cost matters: top-k uses `argpartition` (O(V)) and only top-p sorts. Sampling draws one uniform number per
+row from a seeded `numpy.random.Generator` and inverts the cumulative distribution, so a run is
+reproducible from its seed (and the batch it ran in). The filters apply in transformers' order:
+temperature, then top-k, then top-p on the renormalised top-k distribution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from moetrt.errors import MoetrtError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 means greedy; top_k 0 means no limit; top_p 1 means no nucleus cut."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0.0:
+            raise MoetrtError(f"sampling temperature must be >= 0 (0 = greedy), found {self.temperature}")
+        if self.top_k < 0:
+            raise MoetrtError(f"sampling top_k must be >= 0 (0 = no limit), found {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise MoetrtError(f"sampling top_p must be in (0, 1], found {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+GREEDY = SamplingParams()
+
+
+def greedy(logits: np.ndarray) -> np.ndarray:
+    """The highest-logit token per row [B] (ties: the lowest token id, numpy's argmax rule)."""
+    return logits.argmax(axis=-1)
+
+
+def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> np.ndarray:
+    """One token per row [B] from logits [B, V], drawn with `rng` (unused when `params` is greedy).
+
+    Exact ties at the k-th largest logit are broken arbitrarily but deterministically (argpartition's
+    order), so the same logits and seed always give the same tokens.
+    """
+    if params.greedy:
+        return greedy(logits)
+    x = logits / np.float32(params.temperature)
+    b, v = x.shape
+    ids = None  # candidate token ids [B, C] when x holds a subset of the vocabulary, in x's order
+    if 0 < params.top_k < v:
+        ids = np.argpartition(x, v - params.top_k, axis=-1)[:, v - params.top_k :]
+        x = np.take_along_axis(x, ids, axis=-1)
+    if params.top_p < 1.0:
+        order = np.argsort(-x, axis=-1)
+        x = np.take_along_axis(x, order, axis=-1)
+        ids = order if ids is None else np.take_along_axis(ids, order, axis=-1)
+    probs = np.exp(x - x.max(axis=-1, keepdims=True))
+    cdf = np.cumsum(probs, axis=-1, dtype=np.float64)
+    if params.top_p < 1.0:
+        # Keep the shortest prefix (probabilities descending) whose mass reaches top_p: a token stays when the
+        # mass before it is still below top_p. The first token always stays.
+        kept = ((cdf - probs) < params.top_p * cdf[:, -1:]).sum(axis=-1)
+        mass = np.take_along_axis(cdf, kept[:, None] - 1, axis=-1)
+    else:
+        kept, mass = np.full(b, cdf.shape[1]), cdf[:, -1:]
+    u = rng.random((b, 1)) * mass
+    # The first index whose cumulative mass exceeds u; the clamp covers u rounding up to the full mass.
+    choice = np.minimum((cdf <= u).sum(axis=-1), kept - 1)
+    if ids is None:
+        return choice
+    return np.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]
