@@ -27,7 +27,7 @@ from moetrt.model.testing import make_checkpoint
 from moetrt.runtime.eager_backend import EagerBackend
 from moetrt.runtime.engine import load_backend
 from moetrt.runtime.generate import generate, stream
-from moetrt.runtime.sampling import SamplingParams, sample
+from moetrt.runtime.sampling import NUCLEUS_SEARCH, SamplingParams, sample
 
 TINY = PRESETS["tiny"]
 CONFIGS = {
@@ -180,11 +180,31 @@ def test_sample_filters():
     drawn = sample(logits, SamplingParams(temperature=1.0), rng)
     np.testing.assert_allclose(np.bincount(drawn, minlength=4) / len(drawn), probs, atol=0.01)
     assert set(sample(logits, SamplingParams(temperature=1.0, top_k=2), rng).tolist()) == {1, 2}
-    assert set(sample(logits, SamplingParams(temperature=1.0, top_p=0.8), rng).tolist()) == {1, 2}
+    assert set(sample(logits, SamplingParams(temperature=1.0, top_p=0.79), rng).tolist()) == {1, 2}
     assert set(sample(logits, SamplingParams(temperature=1.0, top_p=0.81), rng).tolist()) == {1, 2, 3}
-    assert set(sample(logits, SamplingParams(temperature=1.0, top_k=3, top_p=0.8), rng).tolist()) == {1, 2}
+    # top-p applies to the renormalised top-k distribution: token 3's preceding mass is 0.8 / 0.95 > 0.82.
+    assert set(sample(logits, SamplingParams(temperature=1.0, top_k=3, top_p=0.82), rng).tolist()) == {1, 2}
     same = [sample(logits[:64], SamplingParams(temperature=0.7, top_p=0.9), np.random.default_rng(5)) for _ in "ab"]
     np.testing.assert_array_equal(*same)
+
+
+def nucleus(logits: np.ndarray, top_p: float) -> set[int]:
+    """The tokens top-p keeps, by a plain float64 full sort."""
+    p = np.exp(logits.astype(np.float64) - logits.max())
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")
+    return set(order[np.cumsum(p[order]) - p[order] < top_p].tolist())
+
+
+@pytest.mark.parametrize("vocab, scale, rows", [(1000, 2.5, 2000), (8000, 2.0, 500), (1000, 0.2, 2000)])
+def test_top_p_nucleus_search(vocab, scale, rows):
+    """Nuclei of 72, 1810 and 860 tokens: found among the 256 most probable, among the 4096 most probable,
+    and by sorting the whole vocabulary (see NUCLEUS_SEARCH)."""
+    logits = (np.random.default_rng(1).standard_normal(vocab) * scale).astype(np.float32)
+    inner, outer = nucleus(logits, 0.899), nucleus(logits, 0.901)  # the float32 boundary may move a token
+    draws = sample(np.tile(logits, (rows, 1)), SamplingParams(1.0, top_p=0.9), np.random.default_rng(0))
+    drawn = set(draws.tolist())
+    assert drawn <= outer and len(drawn) >= 0.9 * min(len(inner), NUCLEUS_SEARCH[0])
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,8 @@
 """Next-token selection from float32 logits [B, V]: greedy, or temperature / top-k / top-p sampling.
 
 Everything is vectorised over the batch rows and runs on the host in numpy, once per decode step, so the
-cost matters: top-k uses `argpartition` (O(V)) and only top-p sorts. Sampling draws one uniform number per
+cost matters: top-k uses `argpartition` (O(V)), and top-p sorts only the most probable few hundred tokens
+unless the nucleus is wider. Sampling draws one uniform number per
 row from a seeded `numpy.random.Generator` and inverts the cumulative distribution, so a run is
 reproducible from its seed (and the batch it ran in). The filters apply in transformers' order:
 temperature, then top-k, then top-p on the renormalised top-k distribution.
@@ -38,6 +39,7 @@ class SamplingParams:
 
 
 GREEDY = SamplingParams()
+NUCLEUS_SEARCH = (256, 4096)  # top-p looks for the nucleus among this many most probable tokens, then sorts all
 
 
 def greedy(logits: np.ndarray) -> np.ndarray:
@@ -55,26 +57,47 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator)
         return greedy(logits)
     x = logits / np.float32(params.temperature)
     b, v = x.shape
-    ids = None  # candidate token ids [B, C] when x holds a subset of the vocabulary, in x's order
+    ids = None  # candidate token ids [B, C] once the candidates are a subset of the vocabulary, in x's order
     if 0 < params.top_k < v:
         ids = np.argpartition(x, v - params.top_k, axis=-1)[:, v - params.top_k :]
         x = np.take_along_axis(x, ids, axis=-1)
+    probs = np.exp(x - x.max(axis=-1, keepdims=True))  # unnormalised
+    total = probs.sum(axis=-1, keepdims=True)
     if params.top_p < 1.0:
-        order = np.argsort(-x, axis=-1)
-        x = np.take_along_axis(x, order, axis=-1)
-        ids = order if ids is None else np.take_along_axis(ids, order, axis=-1)
-    probs = np.exp(x - x.max(axis=-1, keepdims=True))
-    cdf = np.cumsum(probs, axis=-1, dtype=np.float64)
-    if params.top_p < 1.0:
+        probs, ids = _nucleus_candidates(probs, ids, params.top_p * total)
+        cdf = np.cumsum(probs, axis=-1)
         # Keep the shortest prefix (probabilities descending) whose mass reaches top_p: a token stays when the
         # mass before it is still below top_p. The first token always stays.
-        kept = ((cdf - probs) < params.top_p * cdf[:, -1:]).sum(axis=-1)
+        kept = ((cdf - probs) < params.top_p * total).sum(axis=-1)
         mass = np.take_along_axis(cdf, kept[:, None] - 1, axis=-1)
     else:
+        cdf = np.cumsum(probs, axis=-1)
         kept, mass = np.full(b, cdf.shape[1]), cdf[:, -1:]
-    u = rng.random((b, 1)) * mass
+    u = rng.random((b, 1), dtype=np.float32) * mass
     # The first index whose cumulative mass exceeds u; the clamp covers u rounding up to the full mass.
     choice = np.minimum((cdf <= u).sum(axis=-1), kept - 1)
     if ids is None:
         return choice
     return np.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]
+
+
+def _nucleus_candidates(
+    probs: np.ndarray, ids: np.ndarray | None, nucleus_mass: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The candidates sorted by probability, descending, with their token ids.
+
+    A full sort of a 32k vocabulary costs ~10x a decode step's other host work, and the nucleus is
+    usually a few tokens: when the `size` most probable candidates already hold the nucleus mass in every
+    row, nothing past them can be kept, so only they are sorted.
+    """
+    for size in NUCLEUS_SEARCH:
+        if probs.shape[1] <= size:
+            break
+        head = np.argpartition(probs, -size, axis=-1)[:, -size:]
+        head_probs = np.take_along_axis(probs, head, axis=-1)
+        if (head_probs.sum(axis=-1, keepdims=True) >= nucleus_mass).all():
+            probs, ids = head_probs, head if ids is None else np.take_along_axis(ids, head, axis=-1)
+            break
+    order = np.argsort(-probs, axis=-1)
+    probs = np.take_along_axis(probs, order, axis=-1)
+    return probs, order if ids is None else np.take_along_axis(ids, order, axis=-1)
