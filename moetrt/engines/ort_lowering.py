@@ -1,0 +1,214 @@
+"""Lower every `moetrt::TopKMoE` node (contract: moetrt/plugins/contract.py) to ONNX Runtime's CPU MoE
+kernels, in place on an onnx_ir model whose weights are still on disk.
+
+Per node, for layer prefix P (`layers.{i}` from the output name `layers.{i}.moe_output`):
+    P.router_logits = MatMul(hidden, router_weight^T)               fp32 at every precision
+    P.moe_output    = com.microsoft::MoE(hidden, P.router_logits, fc1, "", fc2)                 precision fp32
+                    | com.microsoft::QMoE(hidden, P.router_logits, q1, s1, "", q2, s2)         int8 / int4
+Both kernels take router LOGITS (they apply the softmax), k = top_k, normalize_routing_weights = normalize,
+activation_type="swiglu" with swiglu_fusion=1: fc1 [E, 2F, H] holds w1 and w3 rows interleaved
+(fc1[:, 0::2] = w1, fc1[:, 1::2] = w3) and fc2 = w2 [E, H, F]. The default activation_alpha=1 and
+activation_beta=0 with no swiglu_limit make the kernel's SwiGLU exactly silu(w1 x) * (w3 x).
+ORT accepts other layouts (gate|up concatenated, [E, H, N]) without complaint and returns wrong numbers,
+so tests/test_ort_engine.py checks this lowering against `sparse_moe` and shows the wrong ones fail.
+Tie rule: ORT picks the higher expert index among exactly equal probabilities (the contract's is the
+lower); validation classifies such flips by the eager margin.
+
+New weights are `onnx_ir.LazyTensor`s computed from the (memory-mapped) export weights when the engine is
+saved, one tensor at a time, so building never holds the whole model in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from moetrt.engines.ort_quant import QuantSpec, quantize
+from moetrt.errors import MoetrtError
+from moetrt.plugins import contract
+
+MS_DOMAIN = "com.microsoft"
+# int8: ORT's block-wise 8-bit QMoE has no fp32-activation kernel (it quantizes activations to int8 at any
+# accuracy level) but is ~3x faster than fp32 MoE at decode; per-channel int8 dequantizes whole experts
+# and is slower than fp32. int4: accuracy_level=4 (int8 activations) is ~4x faster than level 0 at decode.
+PRECISIONS: dict[str, QuantSpec | None] = {
+    "fp32": None,
+    "int8": QuantSpec(bits=8, block=32, accuracy_level=4),
+    "int4": QuantSpec(bits=4, block=32, accuracy_level=4),
+}
+
+
+def router_logits(prefix: str) -> str:
+    return f"{prefix}.router_logits"
+
+
+def lower_topk_moe(model: ir.Model, precision: str) -> list[str]:
+    """Replace every TopKMoE node of `model` for `precision`; returns the lowered layer prefixes in order.
+
+    The TopKMoE inputs' values keep their names; the original expert initializers are dropped once unused.
+    Model-local functions of the moetrt domain (reference implementations) and its opset import go too.
+    """
+    if precision not in PRECISIONS:
+        raise MoetrtError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    graph = model.graph
+    nodes = [n for n in graph if (n.domain, n.op_type) == (contract.DOMAIN, contract.OP_TYPE)]
+    prefixes = [_lower_node(graph, node, PRECISIONS[precision]) for node in nodes]
+    if prefixes:
+        graph.opset_imports[MS_DOMAIN] = 1
+    if not any(n.domain == contract.DOMAIN for n in graph.all_nodes()):
+        graph.opset_imports.pop(contract.DOMAIN, None)
+        model.opset_imports.pop(contract.DOMAIN, None)
+        for key in [k for k in model.functions if k[0] == contract.DOMAIN]:
+            del model.functions[key]
+    return prefixes
+
+
+def _lower_node(graph: ir.Graph, node: ir.Node, spec: QuantSpec | None) -> str:
+    out = node.outputs[0]
+    prefix = out.name.removesuffix(".moe_output") if out.name else (node.name or "moe")
+    if len(node.inputs) != len(contract.INPUTS):
+        raise MoetrtError(f"TopKMoE node {node.name!r}: expected inputs {contract.INPUTS}, found {len(node.inputs)}")
+    hidden = node.inputs[0]
+    router, w1, w3, w2 = (_initializer(node, i) for i in range(1, 5))
+    e, f, h = w1.shape
+    top_k = node.attributes.get_int("top_k")
+    normalize = node.attributes.get_int("normalize", 1)
+    if top_k is None or not 1 <= top_k <= e:
+        raise MoetrtError(f"TopKMoE node {node.name!r}: attribute top_k={top_k!r}; expected 1..{e}")
+    dtype = w1.dtype
+
+    router_t = _register(graph, f"{prefix}.router_weight_t", _lazy(lambda: _transposed(router), router.dtype, (h, e)))
+    matmul = ir.Node("", "MatMul", [hidden, router_t], name=f"{prefix}.router")
+    logits = matmul.outputs[0]
+    logits.name = router_logits(prefix)
+    logits.dtype = router.dtype
+    logits.shape = ir.Shape([hidden.shape[0] if hidden.shape is not None else None, e])
+
+    attrs = {
+        "k": top_k,
+        "activation_type": "swiglu",
+        "swiglu_fusion": 1,
+        "normalize_routing_weights": int(normalize),
+    }
+    if spec is None:
+        fc1 = _register(graph, f"{prefix}.moe_fc1", _lazy(lambda: _interleaved(w1, w3), dtype, (e, 2 * f, h)))
+        moe = ir.Node(MS_DOMAIN, "MoE", [hidden, logits, fc1, None, _value_of(node, 4)], attributes=_attrs(attrs))
+    else:
+        if h % spec.block or f % spec.block:
+            raise MoetrtError(
+                f"TopKMoE node {node.name!r}: {spec.bits}-bit block quantization needs hidden size ({h}) and "
+                f"intermediate size ({f}) divisible by {spec.block}"
+            )
+        fc1_q = _QuantizedProjection(lambda j: _interleaved_expert(w1, w3, j), e, 2 * f, h, spec, dtype)
+        fc2_q = _QuantizedProjection(lambda j: w2.numpy()[j], e, h, f, spec, dtype)
+        q1, s1 = (_register(graph, f"{prefix}.moe_fc1_{part}", t) for part, t in fc1_q.tensors())
+        q2, s2 = (_register(graph, f"{prefix}.moe_fc2_{part}", t) for part, t in fc2_q.tensors())
+        attrs |= {"expert_weight_bits": spec.bits, "block_size": spec.block, "accuracy_level": spec.accuracy_level}
+        moe = ir.Node(MS_DOMAIN, "QMoE", [hidden, logits, q1, s1, None, q2, s2], attributes=_attrs(attrs))
+    moe.name = f"{prefix}.moe"
+    new_out = moe.outputs[0]
+    new_out.dtype, new_out.shape = out.dtype, out.shape
+
+    graph.insert_before(node, [matmul, moe])
+    ir.convenience.replace_all_uses_with(out, new_out, replace_graph_outputs=True)
+    old_inputs = list(node.inputs)
+    graph.remove(node, safe=True)
+    new_out.name = out.name
+    for value in old_inputs[1:]:
+        if value is not None and not value.uses() and value.name in graph.initializers:
+            del graph.initializers[value.name]
+    return prefix
+
+
+def _value_of(node: ir.Node, index: int) -> ir.Value:
+    value = node.inputs[index]
+    assert value is not None  # checked by _initializer
+    return value
+
+
+def _initializer(node: ir.Node, index: int) -> ir.TensorProtocol:
+    value = node.inputs[index]
+    if value is None or value.const_value is None:
+        name = contract.INPUTS[index]
+        raise MoetrtError(f"TopKMoE node {node.name!r}: input {name!r} must be a graph initializer (the contract)")
+    return value.const_value
+
+
+def _attrs(values: dict[str, int | str]) -> list[ir.Attr]:
+    return [ir.AttrString(k, v) if isinstance(v, str) else ir.AttrInt64(k, v) for k, v in values.items()]
+
+
+def _register(graph: ir.Graph, name: str, tensor: ir.TensorProtocol) -> ir.Value:
+    value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
+def _lazy(func: Callable[[], np.ndarray], dtype: ir.DataType, shape: tuple[int, ...]) -> ir.LazyTensor:
+    return ir.LazyTensor(lambda: ir.Tensor(func(), dtype=dtype), dtype=dtype, shape=ir.Shape(shape))
+
+
+def _transposed(w: ir.TensorProtocol) -> np.ndarray:
+    return np.ascontiguousarray(w.numpy().T)
+
+
+def _interleaved(w1: ir.TensorProtocol, w3: ir.TensorProtocol) -> np.ndarray:
+    """fc1 [E, 2F, H] with fc1[:, 0::2] = w1 and fc1[:, 1::2] = w3 (swiglu_fusion=1)."""
+    a, b = w1.numpy(), w3.numpy()
+    out = np.empty((a.shape[0], 2 * a.shape[1], a.shape[2]), dtype=a.dtype)
+    out[:, 0::2] = a
+    out[:, 1::2] = b
+    return out
+
+
+def _interleaved_expert(w1: ir.TensorProtocol, w3: ir.TensorProtocol, expert: int) -> np.ndarray:
+    a, b = w1.numpy()[expert], w3.numpy()[expert]
+    out = np.empty((2 * a.shape[0], a.shape[1]), dtype=a.dtype)
+    out[0::2] = a
+    out[1::2] = b
+    return out
+
+
+class _QuantizedProjection:
+    """One projection's packed weights and scales, quantized expert by expert on first request.
+
+    The two are separate initializers but come from one pass over the source; the result is kept until
+    both have been written (the saver writes them one after the other) and then released.
+    """
+
+    def __init__(
+        self,
+        expert: Callable[[int], np.ndarray],
+        experts: int,
+        n: int,
+        k: int,
+        spec: QuantSpec,
+        scale_dtype: ir.DataType,
+    ):
+        self._expert, self._spec, self._scale_dtype = expert, spec, scale_dtype
+        self._shapes = {"weight": (experts, n, k * spec.bits // 8), "scales": (experts, n, k // spec.block)}
+        self._result: dict[str, np.ndarray] = {}
+        self._pending: set[str] = set()
+
+    def tensors(self) -> list[tuple[str, ir.LazyTensor]]:
+        dtypes = {"weight": ir.DataType.UINT8, "scales": self._scale_dtype}
+        return [(part, _lazy(lambda p=part: self._take(p), dtypes[part], self._shapes[part])) for part in dtypes]
+
+    def _take(self, part: str) -> np.ndarray:
+        if not self._pending:
+            self._compute()
+        self._pending.discard(part)
+        array = self._result[part]
+        if not self._pending:
+            self._result = {}
+        return array
+
+    def _compute(self) -> None:
+        weight = np.empty(self._shapes["weight"], dtype=np.uint8)
+        scales = np.empty(self._shapes["scales"], dtype=np.float32)
+        for j in range(weight.shape[0]):
+            weight[j], scales[j] = quantize(self._expert(j), self._spec)
+        self._result = {"weight": weight, "scales": scales.astype(self._scale_dtype.numpy())}
+        self._pending = {"weight", "scales"}
