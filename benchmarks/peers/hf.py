@@ -2,7 +2,10 @@
 
 This is the baseline most users would run, so moetrt's speed-ups are reported against it. Options:
 attention `eager` or `sdpa`; KV cache `dynamic` (generate's default `DynamicCache`) or `static`
-(`cache_implementation="static"`; on CPU transformers does not auto-compile it, so it is eager too).
+(`cache_implementation="static"`; on CPU transformers does not auto-compile it, so it is eager too);
+experts `None` = transformers' default (transformers 5 picks `grouped_mm`, torch's grouped GEMM, when
+torch supports it on the device: torch > 2.10 on CPU) or `"eager"` (its per-expert Python loop). The
+result records the experts implementation actually used.
 
 Timing: one `generate` call with a streamer that stamps `time.perf_counter()` each time a new token
 reaches it (transformers calls `streamer.put` right after each argmax on CPU). See `common.timing_fields`.
@@ -40,14 +43,17 @@ class _StampStreamer:
         pass
 
 
-def load_hf_model(checkpoint_dir: str | Path, attn: str = "eager") -> Any:
-    """Load the checkpoint in fp32 on CPU with the given attention implementation, in eval mode."""
+def load_hf_model(checkpoint_dir: str | Path, attn: str = "eager", experts: str | None = None) -> Any:
+    """Load the checkpoint in fp32 on CPU with the given attention (and experts) implementation, eval mode."""
     import torch
     from transformers import MixtralForCausalLM
 
     if attn not in ATTN_IMPLEMENTATIONS:
         raise ValueError(f"attn must be one of {ATTN_IMPLEMENTATIONS}, got {attn!r}")
-    model = MixtralForCausalLM.from_pretrained(str(checkpoint_dir), dtype=torch.float32, attn_implementation=attn)
+    extra = {} if experts is None else {"experts_implementation": experts}
+    model = MixtralForCausalLM.from_pretrained(
+        str(checkpoint_dir), dtype=torch.float32, attn_implementation=attn, **extra
+    )
     return model.eval()
 
 
@@ -85,29 +91,33 @@ def bench_hf(
     threads: int = 2,
     attn: str = "eager",
     cache: str = "dynamic",
+    experts: str | None = None,
     seed: int = 0,
-    warmup: bool = True,
+    warmup_tokens: int = 16,
 ) -> dict[str, Any]:
     """Benchmark HF `generate` on `checkpoint_dir` (fp32, `torch.set_num_threads(threads)`).
 
-    A full-length warmup run comes first (allocator, thread pools, first-touch of the weights), then the
-    timed run. Run it in its own process (`common.run_isolated`) for a meaningful `peak_rss_bytes`."""
+    A warmup `generate` on the same prompt with `warmup_tokens` new tokens (0: none) comes first: it
+    runs a full-length prefill and a few decode steps, which is what faults in the weights and starts
+    the thread pools and allocator; then the timed run. Run it in its own process
+    (`common.run_isolated`) for a meaningful `peak_rss_bytes`."""
     import torch
 
     torch.set_num_threads(threads)
     t_load = time.perf_counter()
-    model = load_hf_model(checkpoint_dir, attn)
+    model = load_hf_model(checkpoint_dir, attn, experts)
     load_s = time.perf_counter() - t_load
     prompt = random_prompt(model.config.vocab_size, batch, prompt_len, seed)
-    if warmup:
-        hf_generate(model, prompt, new_tokens, cache)
+    if warmup_tokens:
+        hf_generate(model, prompt, max(2, min(warmup_tokens, new_tokens)), cache)
     t0 = time.perf_counter()
     times, gen = hf_generate(model, prompt, new_tokens, cache)
     wall_s = time.perf_counter() - t0
     if len(times) != new_tokens:
         raise RuntimeError(f"streamer saw {len(times)} new tokens, expected {new_tokens}")
     return {
-        "backend": f"hf-{attn}-{cache}",
+        "backend": f"hf-{attn}-{cache}" + {None: "", "eager": "-loop"}.get(experts, f"-{experts}"),
+        "experts_implementation": getattr(model.config, "_experts_implementation", None),
         "precision": "fp32",
         **timing_fields(t0, times, batch),
         "wall_s": wall_s,

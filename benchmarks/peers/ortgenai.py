@@ -213,10 +213,11 @@ def bench_ortgenai(
     batch: int = 1,
     threads: int = 2,
     seed: int = 0,
-    warmup: bool = True,
+    warmup_tokens: int = 16,
 ) -> dict[str, Any]:
-    """Benchmark an ORT GenAI model folder: full-length warmup, then one timed greedy run; same prompt
-    and fields as `hf.bench_hf`. Run it in its own process (`common.run_isolated`) for `peak_rss_bytes`."""
+    """Benchmark an ORT GenAI model folder: a warmup generation (same prompt, `warmup_tokens` new
+    tokens), then one timed greedy run; same prompt, warmup and fields as `hf.bench_hf`. Run it in its
+    own process (`common.run_isolated`) for `peak_rss_bytes`."""
     import onnxruntime
     import onnxruntime_genai as og
 
@@ -225,8 +226,8 @@ def bench_ortgenai(
     load_s = time.perf_counter() - t_load
     genai_cfg = json.loads((Path(model_dir) / "genai_config.json").read_text())
     prompt = random_prompt(genai_cfg["model"]["vocab_size"], batch, prompt_len, seed)
-    if warmup:
-        ortgenai_generate(model, prompt, new_tokens)
+    if warmup_tokens:
+        ortgenai_generate(model, prompt, max(2, min(warmup_tokens, new_tokens)))
     t0, times, tokens = ortgenai_generate(model, prompt, new_tokens)
     wall_s = times[-1] - t0
     summary = moe_op_summary(model_dir)

@@ -3,8 +3,11 @@
     python -m benchmarks.peers.run_peers --checkpoint /tmp/mid_ckpt \\
         [--prompt-len 128 --new-tokens 128 --batch 1 --threads 2 --json peers.json]
 
-Backends (default all): hf-eager-dynamic (the reference: ratios and token agreement are against it),
-hf-eager-static, hf-sdpa-dynamic, hf-sdpa-static, ortgenai-fp32, ortgenai-int8, ortgenai-int4. ORT GenAI
+Backends: hf-eager-dynamic (the default reference: ratios and token agreement are against the first
+backend listed), hf-eager-static, hf-sdpa-dynamic, hf-sdpa-static, hf-eager-dynamic-loop (transformers'
+per-expert Python loop instead of its default grouped_mm experts), ortgenai-fp32, ortgenai-int8,
+ortgenai-int4; default: hf-eager-dynamic, hf-eager-static and the three ortgenai. A backend that fails
+or times out is reported as such and the others still run. ORT GenAI
 models are built once into --models-dir and reused while the checkpoint is unchanged. With --rounds R
 every backend runs R times, interleaved (round 1: all backends, round 2: all backends, ...), and the
 median is reported: on a shared machine absolute numbers drift, and interleaving spreads the drift.
@@ -24,7 +27,13 @@ from typing import Any
 
 from benchmarks.peers.common import run_isolated
 
-HF_BACKENDS = ("hf-eager-dynamic", "hf-eager-static", "hf-sdpa-dynamic", "hf-sdpa-static")
+HF_BACKENDS: dict[str, dict[str, Any]] = {
+    "hf-eager-dynamic": {"attn": "eager", "cache": "dynamic"},
+    "hf-eager-static": {"attn": "eager", "cache": "static"},
+    "hf-sdpa-dynamic": {"attn": "sdpa", "cache": "dynamic"},
+    "hf-sdpa-static": {"attn": "sdpa", "cache": "static"},
+    "hf-eager-dynamic-loop": {"attn": "eager", "cache": "dynamic", "experts": "eager"},
+}
 ORT_BACKENDS = ("ortgenai-fp32", "ortgenai-int8", "ortgenai-int4")
 DEFAULT_BACKENDS = ("hf-eager-dynamic", "hf-eager-static", *ORT_BACKENDS)
 # Effective bytes per weight incl. block-32 fp32 scales (ORT GenAI keeps the router fp32).
@@ -66,15 +75,10 @@ def backend_call(name: str, args: argparse.Namespace, models: dict[str, Path]) -
         "batch": args.batch,
         "threads": args.threads,
         "seed": args.seed,
+        "warmup_tokens": args.warmup_tokens,
     }
     if name in HF_BACKENDS:
-        _, attn, cache = name.split("-")
-        return "benchmarks.peers.hf:bench_hf", {
-            "checkpoint_dir": str(args.checkpoint),
-            "attn": attn,
-            "cache": cache,
-            **common,
-        }
+        return "benchmarks.peers.hf:bench_hf", {"checkpoint_dir": str(args.checkpoint), **HF_BACKENDS[name], **common}
     return "benchmarks.peers.ortgenai:bench_ortgenai", {"model_dir": str(models[name]), **common}
 
 
@@ -144,6 +148,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backends", default=",".join(DEFAULT_BACKENDS), help="comma-separated; first is the ref")
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--warmup-tokens", type=int, default=16, help="new tokens of the warmup run (0: none)")
     parser.add_argument("--models-dir", type=Path, default=None, help="default: <checkpoint>.ortgenai/")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per measurement (and per build x2)")
     parser.add_argument("--no-membw", action="store_true")
@@ -151,29 +156,43 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     args.checkpoint = args.checkpoint.resolve()
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    unknown = [b for b in backends if b not in HF_BACKENDS + ORT_BACKENDS]
+    known = (*HF_BACKENDS, *ORT_BACKENDS)
+    unknown = [b for b in backends if b not in known]
     if unknown:
-        parser.error(f"unknown backend(s) {unknown}; choose from {HF_BACKENDS + ORT_BACKENDS}")
+        parser.error(f"unknown backend(s) {unknown}; choose from {known}")
     models_dir = args.models_dir or args.checkpoint.with_name(args.checkpoint.name + ".ortgenai")
 
-    models = {}
+    models, errors = {}, {}
     for b in backends:
         if b in ORT_BACKENDS:
-            models[b] = ensure_ortgenai_model(args.checkpoint, models_dir, b.split("-")[1], 2 * args.timeout)
+            try:
+                models[b] = ensure_ortgenai_model(args.checkpoint, models_dir, b.split("-")[1], 2 * args.timeout)
+            except RuntimeError as err:
+                errors[b] = f"build failed: {err}"
+                print(errors[b], flush=True)
 
     runs: dict[str, list[dict[str, Any]]] = {b: [] for b in backends}
     for rnd in range(args.rounds):
         for b in backends:
+            if b in errors:
+                continue
             target, kwargs = backend_call(b, args, models)
             load = os.getloadavg()[0]
             print(f"round {rnd + 1}/{args.rounds}: {b} (loadavg {load:.1f}) ...", flush=True)
-            result = run_isolated(target, kwargs, threads=args.threads, timeout=args.timeout)
+            try:
+                result = run_isolated(target, kwargs, threads=args.threads, timeout=args.timeout)
+            except RuntimeError as err:
+                errors[b] = str(err)
+                print(f"  FAILED: {str(err)[:2000]}", flush=True)
+                continue
             result["loadavg_1m"] = load
             runs[b].append(result)
             print(
                 f"  prefill {result['prefill_ms']:.0f} ms, decode {result['decode_tokens_per_s']:.2f} tok/s", flush=True
             )
-    results = [summarize(runs[b]) for b in backends]
+    results = [summarize(runs[b]) for b in backends if b not in errors]
+    if not results:
+        raise SystemExit(f"every backend failed: {errors}")
 
     membw = None
     if not args.no_membw:
@@ -192,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             p: bound_tokens_per_s(membw["gbs"], n) for p, n in membw["bytes_per_token"].items()
         }
 
-    ref = results[0]
+    ref = results[0]  # the first backend that ran
     for r in results:
         r["decode_speedup_vs_ref"] = r["decode_tokens_per_s"] / ref["decode_tokens_per_s"]
         r["prefill_speedup_vs_ref"] = ref["prefill_ms"] / r["prefill_ms"]
@@ -200,6 +219,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if membw and args.batch == 1:
             r["bw_bound_tokens_per_s"] = membw["bound_tokens_per_s"][r["precision"]]
     print_table(results, membw, args)
+    for b, err in errors.items():
+        print(f"{b}: FAILED ({err.splitlines()[0]})")
 
     report = {
         "reference": ref["backend"],
@@ -207,6 +228,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version()},
         "membw": membw,
         "results": results,
+        "errors": errors,
     }
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
