@@ -130,8 +130,10 @@ def read_export_manifest(export_dir: Path) -> dict[str, Any]:
         raise MoetrtError(f"{path}: not found; expected an export directory (moetrt export)") from None
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise MoetrtError(f"{path}: unreadable manifest ({err})") from None
-    if not isinstance(manifest, dict) or manifest.get("kind", "export") != "export":
-        raise MoetrtError(f"{path}: not an export manifest (kind {manifest.get('kind')!r})")
+    if not isinstance(manifest, dict):
+        raise MoetrtError(f"{path}: corrupt manifest (expected a JSON object)")
+    if manifest.get("kind", "export") != "export":
+        raise MoetrtError(f"{path}: a {manifest['kind']!r} artifact, expected an export (moetrt export)")
     if manifest.get("contract_version", contract.CONTRACT_VERSION) != contract.CONTRACT_VERSION:
         raise MoetrtError(f"{path}: TopKMoE contract version {manifest['contract_version']}, this moetrt "
                           f"implements {contract.CONTRACT_VERSION}; re-export")  # fmt: skip
