@@ -1,0 +1,96 @@
+"""The `moetrt.json` manifest every artifact directory carries (exports, engines).
+
+It says what the directory holds and what it was made from, so each stage can refuse, with one line,
+an artifact it cannot use: another kind, another moetrt or op-contract version, a corrupt file.
+
+    kind              "export" | "engine"
+    moetrt_version    moetrt.__version__ of the writer
+    contract_version  moetrt.plugins.contract.CONTRACT_VERSION (the TopKMoE op contract)
+    created_at        UTC, ISO 8601
+    config            MixtralConfig.to_dict()
+    dtype             the graph's / engine's dtype or precision
+    max_seq_len, max_batch
+    io                {"inputs": {name: {"shape": [...], "dtype": ...}}, "outputs": {...}}; symbolic dims
+                      are strings ("batch", "seq")
+    parent            hash of what it was made from (`checkpoint_hash` for exports, `artifact_hash` of the
+                      export for engines)
+Stages may add fields of their own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import moetrt
+from moetrt.errors import MoetrtError
+from moetrt.model.config import MixtralConfig
+from moetrt.plugins import contract
+
+MANIFEST = "moetrt.json"
+KINDS = ("export", "engine")
+REQUIRED = ("config", "dtype", "max_seq_len", "max_batch", "io", "parent")
+
+
+def write_manifest(directory: str | Path, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+    """Write `directory/moetrt.json`: the versions and timestamp, then `body` (which holds `REQUIRED`)."""
+    if kind not in KINDS:
+        raise ValueError(f"manifest kind {kind!r} is not one of {KINDS}")
+    missing = [name for name in REQUIRED if name not in body]
+    if missing:
+        raise ValueError(f"manifest body lacks {missing}")
+    manifest = {
+        "kind": kind,
+        "moetrt_version": moetrt.__version__,
+        "contract_version": contract.CONTRACT_VERSION,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **body,
+    }
+    (Path(directory) / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def read_manifest(directory: str | Path, kind: str) -> dict[str, Any]:
+    """The manifest of an artifact of `kind` made by this moetrt under this op contract, or a MoetrtError."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise MoetrtError(f"{path}: not found; expected a moetrt {kind} directory")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise MoetrtError(f"{path}: corrupt manifest ({err})") from None
+    if not isinstance(manifest, dict):
+        raise MoetrtError(f"{path}: corrupt manifest (expected a JSON object)")
+    if manifest.get("kind") != kind:
+        raise MoetrtError(f"{path}: this is a {manifest.get('kind')!r} artifact, expected {kind!r}")
+    if manifest.get("moetrt_version") != moetrt.__version__:
+        raise MoetrtError(
+            f"{path}: written by moetrt {manifest.get('moetrt_version')}, this is moetrt {moetrt.__version__}; "
+            "re-create the artifact"
+        )
+    if manifest.get("contract_version") != contract.CONTRACT_VERSION:
+        raise MoetrtError(
+            f"{path}: TopKMoE contract version {manifest.get('contract_version')}, this moetrt implements "
+            f"{contract.CONTRACT_VERSION}; re-create the artifact"
+        )
+    missing = [name for name in REQUIRED if name not in manifest]
+    if missing:
+        raise MoetrtError(f"{path}: corrupt manifest (missing field '{missing[0]}')")
+    try:
+        MixtralConfig.from_dict(manifest["config"])
+    except (TypeError, ValueError, MoetrtError) as err:
+        raise MoetrtError(f"{path}: corrupt manifest (field 'config': {err})") from None
+    return manifest
+
+
+def manifest_config(manifest: dict[str, Any]) -> MixtralConfig:
+    """The model config recorded in a manifest returned by `read_manifest`."""
+    return MixtralConfig.from_dict(manifest["config"])
+
+
+def artifact_hash(directory: str | Path) -> str:
+    """sha256 of an artifact's manifest: the `parent` a child artifact records."""
+    return hashlib.sha256((Path(directory) / MANIFEST).read_bytes()).hexdigest()
