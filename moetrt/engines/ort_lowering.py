@@ -67,7 +67,7 @@ def lower_topk_moe(model: ir.Model, precision: str) -> list[str]:
 
 def _lower_node(graph: ir.Graph, node: ir.Node, spec: QuantSpec | None) -> str:
     out = node.outputs[0]
-    prefix = out.name.removesuffix(".moe_output") if out.name else (node.name or "moe")
+    prefix = str(out.name).removesuffix(".moe_output")
     if len(node.inputs) != len(contract.INPUTS):
         raise MoetrtError(f"TopKMoE node {node.name!r}: expected inputs {contract.INPUTS}, found {len(node.inputs)}")
     hidden = node.inputs[0]

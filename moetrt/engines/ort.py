@@ -1,0 +1,142 @@
+"""Build an ONNX Runtime engine directory from a moetrt export.
+
+    export dir (model.onnx, model.onnx.data, moetrt.json)
+      -> every moetrt::TopKMoE lowered to a router MatMul + com.microsoft::MoE / QMoE (ort_lowering.py)
+      -> weight Transposes folded into transposed initializers (ort_fold.py)
+      -> engine dir (model.onnx, model.onnx.data, moetrt.json with kind "engine", backend "ort")
+
+The export's weights are memory-mapped and the engine's are written tensor by tensor (new MoE weights are
+computed as they are written), so a 90 GB model is converted with memory for about its largest tensor.
+The directory appears atomically: a failed build leaves no engine behind.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from moetrt.artifacts import MANIFEST, artifact_hash, manifest_config, read_manifest, write_manifest
+from moetrt.engines.ort_fold import fold_weight_transposes
+from moetrt.engines.ort_lowering import PRECISIONS, lower_topk_moe, router_logits
+from moetrt.errors import MoetrtError
+from moetrt.fsutil import atomic_dir
+from moetrt.runtime.ort_session import providers
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+
+
+def build_ort_engine(
+    export_dir: str | Path,
+    output_dir: str | Path,
+    precision: str = "fp32",
+    threads: int | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> Path:
+    """Lower the export in `export_dir` for ONNX Runtime and write the engine directory `output_dir`.
+
+    precision: "fp32": experts unquantized in the export's float dtype (com.microsoft::MoE); "int8" / "int4":
+        QMoE with block-32 weights (the router MatMul stays unquantized).
+    threads: intra-op threads the engine is served with (None: ORT's default).
+    device: "cpu" or "cuda" (needs onnxruntime-gpu; the same graph).
+    Returns the engine directory.
+    """
+    export_dir, output_dir = Path(export_dir), Path(output_dir)
+    if precision not in PRECISIONS:
+        raise MoetrtError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    providers(device)  # refuse a device this onnxruntime cannot serve before doing any work
+    _check_output_dir(output_dir, export_dir)
+    export_manifest = read_manifest(export_dir, "export")
+    config = manifest_config(export_manifest)
+    if device == "cpu" and export_manifest["dtype"] == "bfloat16":
+        raise MoetrtError(
+            f"{export_dir}: a bfloat16 export; ONNX Runtime's CPU kernels run float32 or float16, re-export with "
+            "dtype float32"
+        )
+    if not export_manifest.get("weights", True):
+        raise MoetrtError(f"{export_dir}: a graph-only export (no weights); re-export with weights to build an engine")
+    model = _load_graph(export_dir / MODEL_FILE)
+    layers = lower_topk_moe(model, precision)
+    if not layers:
+        raise MoetrtError(f"{export_dir / MODEL_FILE}: no moetrt::TopKMoE node; expected a graph from `moetrt export`")
+    fold_weight_transposes(model)
+    spec = PRECISIONS[precision]
+    with atomic_dir(output_dir) as tmp:
+        _save(model, tmp / MODEL_FILE, progress)
+        io = dict(export_manifest["io"])
+        io["router_logits"] = {
+            router_logits(layer): {"shape": [_tokens(io, layer), config.num_local_experts], "dtype": "float32"}
+            for layer in layers
+        }
+        body = {
+            "backend": "ort",
+            "precision": precision,
+            "quantization": None if spec is None else vars(spec),
+            "threads": threads,
+            "device": device,
+            "onnxruntime_version": _ort_version(),
+            "moe_layers": layers,
+            "config": export_manifest["config"],
+            "dtype": export_manifest["dtype"],
+            "max_seq_len": export_manifest["max_seq_len"],
+            "max_batch": export_manifest["max_batch"],
+            "io": io,
+            "parent": artifact_hash(export_dir),
+        }
+        write_manifest(tmp, "engine", body)
+    return output_dir
+
+
+def _check_output_dir(output_dir: Path, export_dir: Path) -> None:
+    """Refuse to replace anything but an earlier artifact: the atomic rename deletes what was there."""
+    if output_dir.resolve() == export_dir.resolve():
+        raise MoetrtError(f"{output_dir}: the engine directory must differ from the export directory")
+    if output_dir.exists() and not (
+        output_dir.is_dir() and (not any(output_dir.iterdir()) or (output_dir / MANIFEST).is_file())
+    ):
+        raise MoetrtError(f"{output_dir}: exists and is not a moetrt artifact; choose another output directory")
+
+
+def _load_graph(path: Path) -> ir.Model:
+    """The graph with its weights left on disk (external tensors are memory-mapped when read)."""
+    if not path.is_file():
+        raise MoetrtError(f"{path}: not found; expected the exported ONNX graph")
+    try:
+        return ir.load(path)
+    except Exception as err:  # protobuf DecodeError and friends: a truncated or foreign file
+        raise MoetrtError(f"{path}: not a readable ONNX model ({type(err).__name__}: {err})") from None
+
+
+def _save(model: ir.Model, path: Path, progress: bool) -> None:
+    """Write the graph and stream its weights into model.onnx.data, one tensor at a time."""
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    sizes = [v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None]
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), disable=not progress, transient=True) as bar:
+        task = bar.add_task("writing weights", total=sum(sizes))
+        previous: list[int] = []
+
+        def on_tensor(tensor: ir.TensorProtocol, _info: Any) -> None:
+            # Called before each tensor is materialized and written: account for the one written before it.
+            bar.update(task, advance=previous.pop() if previous else 0, description=f"writing {tensor.name}")
+            previous.append(tensor.nbytes)
+
+        ir.save(model, path, external_data=DATA_FILE, callback=on_tensor)
+        bar.update(task, completed=sum(sizes))
+
+
+def _tokens(io: dict[str, Any], prefix: str) -> int | str:
+    """The token axis of a layer's MoE input as the export recorded it (symbolic: a string)."""
+    entry = io.get("moe", {}).get(f"{prefix}.moe_input")
+    return entry["shape"][0] if entry else "tokens"
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
