@@ -152,7 +152,9 @@ class Attention(nn.Module):
         s_cache = s_cache.masked_fill(~see_cache, float("-inf"))
         s_new = s_new.masked_fill(~see_new, float("-inf"))
         probs = torch.softmax(torch.cat((s_cache, s_new), dim=-1), dim=-1, dtype=torch.float32).to(x.dtype)
-        p_cache, p_new = probs.split((k_cache.shape[2], t), dim=-1)
+        # Slices, not split(): a split at a symbolic size exports to SplitToSequence/SequenceAt, which
+        # TensorRT cannot parse and ONNX does not define for bfloat16.
+        p_cache, p_new = probs[..., : k_cache.shape[2]], probs[..., k_cache.shape[2] :]
         out = p_cache @ v_cache[:, :, None] + p_new @ v[:, :, None]  # [B, KV, R, T, D]
         out = out.reshape(b, self.n_heads, t, d).transpose(1, 2).reshape(b, t, self.n_heads * d)
         return self.o_proj(out), k, v

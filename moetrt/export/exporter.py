@@ -1,0 +1,165 @@
+"""`export_checkpoint`: a Hugging Face Mixtral checkpoint -> an export directory.
+
+    model.onnx        the graph (one `moetrt::TopKMoE` node per layer, no local functions)
+    model.onnx.data   the weights as external data, in the export dtype
+    moetrt.json       the manifest (moetrt.artifacts), kind "export"
+
+The graph is traced on the meta device and the weights are streamed from the checkpoint afterwards, so
+exporting Mixtral-8x7B needs about its largest tensor in memory, not the model. Everything is written
+into a temporary sibling and renamed into place only after the ONNX checker and strict shape inference
+have passed: a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+
+from moetrt.artifacts import MANIFEST, write_manifest
+from moetrt.errors import MoetrtError
+from moetrt.export.trace import trace
+from moetrt.export.weights import DATA_FILE, place_external, write_weights
+from moetrt.fsutil import atomic_dir
+from moetrt.model.checkpoint import CheckpointReader, checkpoint_hash
+from moetrt.model.config import DTYPES, MixtralConfig
+from moetrt.plugins import contract
+
+MODEL_FILE = "model.onnx"
+
+
+def export_checkpoint(
+    checkpoint_dir: str | Path,
+    output_dir: str | Path,
+    max_seq_len: int | None = None,
+    max_batch: int = 1,
+    dtype: str | None = None,
+    progress: bool = True,
+    weights: bool = True,
+) -> Path:
+    """Export `checkpoint_dir` to `output_dir` and return `output_dir`.
+
+    max_seq_len: the KV caches' length (default: the config's max_position_embeddings).
+    max_batch: the largest batch engines are built for (the graph's batch axis is symbolic).
+    dtype: float32 | float16 | bfloat16 (default: the config's); logits and caches use it too.
+    weights: False writes the graph and manifest only (no model.onnx.data; needs just config.json) -
+        for checking the graph of a model whose weights are not at hand.
+    """
+    checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
+    with CheckpointReader(checkpoint_dir) if weights else nullcontext() as reader:
+        config = reader.config if reader else MixtralConfig.from_pretrained(checkpoint_dir)
+        dtype = dtype or config.dtype
+        max_seq_len = config.max_position_embeddings if max_seq_len is None else max_seq_len
+        _check_options(config, dtype, max_seq_len, max_batch)
+        _check_output_dir(output_dir, checkpoint_dir)
+        if reader:
+            reader.validate()  # from the file headers: fail before the long trace, not after
+        with atomic_dir(output_dir) as tmp:
+            with _status(progress, f"tracing {config.num_hidden_layers} layers on the meta device"):
+                model = trace(config, dtype, max_seq_len)
+            slots = place_external(model.graph)
+            ir.save(model, tmp / MODEL_FILE)
+            if reader:
+                with _progress_bar(progress) as bar:
+                    task = bar.add_task("weights", total=sum(length for _, length in slots.values()))
+
+                    def advance(name: str, nbytes: int) -> None:
+                        bar.update(task, advance=nbytes, description=f"weights: {name}")
+
+                    write_weights(tmp / DATA_FILE, reader, slots, dtype, advance)
+                check_model(tmp / MODEL_FILE)
+            else:
+                with _sparse_placeholder(tmp / DATA_FILE, max(offset + n for offset, n in slots.values())):
+                    check_model(tmp / MODEL_FILE)
+            body = {
+                "config": config.to_dict(),
+                "dtype": dtype,
+                "max_seq_len": max_seq_len,
+                "max_batch": max_batch,
+                "io": io_spec(model.graph),
+                "parent": checkpoint_hash(checkpoint_dir),
+                "weights": weights,
+                "files": {"model": MODEL_FILE, "data": DATA_FILE if weights else None},
+            }
+            write_manifest(tmp, "export", body)
+    return output_dir
+
+
+def _status(enabled: bool, message: str) -> AbstractContextManager:
+    return Console(stderr=True).status(message) if enabled else nullcontext()
+
+
+def _progress_bar(enabled: bool) -> Progress:
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn())
+    return Progress(*columns, console=Console(stderr=True), disable=not enabled)
+
+
+def _check_options(config: MixtralConfig, dtype: str, max_seq_len: int, max_batch: int) -> None:
+    if dtype not in DTYPES:
+        raise MoetrtError(f"dtype: expected one of {', '.join(DTYPES)}, found {dtype!r}")
+    if not isinstance(max_seq_len, int) or isinstance(max_seq_len, bool) or max_seq_len < 1:
+        raise MoetrtError(f"max_seq_len: expected a positive integer, found {max_seq_len!r}")
+    if max_seq_len > config.max_position_embeddings:
+        raise MoetrtError(
+            f"max_seq_len: {max_seq_len} exceeds the model's max_position_embeddings ({config.max_position_embeddings})"
+        )
+    if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
+        raise MoetrtError(f"max_batch: expected a positive integer, found {max_batch!r}")
+
+
+def _check_output_dir(output_dir: Path, checkpoint_dir: Path) -> None:
+    """Refuse to replace anything but an earlier export (the atomic rename would delete it)."""
+    if output_dir.resolve() == checkpoint_dir.resolve():
+        raise MoetrtError(f"{output_dir}: the output directory must differ from the checkpoint directory")
+    if output_dir.exists() and not (
+        output_dir.is_dir() and (not any(output_dir.iterdir()) or (output_dir / MANIFEST).is_file())
+    ):
+        raise MoetrtError(f"{output_dir}: exists and is not a moetrt artifact; choose another output directory")
+
+
+@contextmanager
+def _sparse_placeholder(path: Path, size: int) -> Iterator[None]:
+    """An all-hole data file for the duration of the checks: the checker insists the external data file
+    exists, even in memory, and a graph-only export must not ship a file of zero weights."""
+    with open(path, "wb") as fh:
+        fh.truncate(size)
+    try:
+        yield
+    finally:
+        path.unlink()
+
+
+def check_model(path: Path) -> None:
+    """The ONNX checker (path form: it verifies the external data file) and strict shape inference, with
+    TopKMoE's schema registered; raise if either fails or the graph carries local functions."""
+    contract.register_onnx_schema()
+    onnx.checker.check_model(str(path))
+    proto = onnx.load(path, load_external_data=False)
+    onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    if proto.functions:
+        raise AssertionError(f"{path}: the exported graph must not carry local functions")
+
+
+def io_spec(graph: ir.Graph) -> dict[str, dict[str, dict]]:
+    """Graph inputs, outputs and each layer's TopKMoE input/output: name -> {shape, dtype}."""
+
+    def spec(value: ir.Value) -> dict:
+        return {"shape": [d if isinstance(d, int) else str(d) for d in value.shape], "dtype": _dtype_name(value)}
+
+    moe = [node for node in graph if (node.domain, node.op_type) == (contract.DOMAIN, contract.OP_TYPE)]
+    return {
+        "inputs": {v.name: spec(v) for v in graph.inputs},
+        "outputs": {v.name: spec(v) for v in graph.outputs},
+        "moe": {v.name: spec(v) for node in moe for v in (node.inputs[0], node.outputs[0])},
+    }
+
+
+def _dtype_name(value: ir.Value) -> str:
+    return {ir.DataType.FLOAT: "float32", ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16"}.get(
+        value.dtype, str(value.dtype.numpy())
+    )

@@ -1,0 +1,103 @@
+"""Trace the Mixtral graph on the meta device: structure only, no weight is ever allocated.
+
+The result is an onnx_ir model whose names are the contract other stages rely on:
+graph I/O as in `moetrt.runtime.backend` (input_ids, position_ids, past_key.{i}, past_value.{i} ->
+logits, new_key.{i}, new_value.{i}), each TopKMoE node's input and output named `layers.{i}.moe_input` /
+`layers.{i}.moe_output` (the validation suite marks them as outputs to compare layer by layer), and
+initializers named like the canonical checkpoint tensors (`layers.0.self_attn.q_proj.weight`, ...).
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import onnx_ir as ir
+import torch
+from torch import Tensor, nn
+
+from moetrt.export.op import onnx_translation, topk_moe
+from moetrt.model.config import MixtralConfig
+from moetrt.model.mixtral import TORCH_DTYPES, Mixtral
+from moetrt.plugins import contract
+from moetrt.runtime import backend
+
+OPSET = 20
+BATCH, SEQ = "batch", "seq"
+
+
+def moe_input(layer: int) -> str:
+    return f"layers.{layer}.moe_input"
+
+
+def moe_output(layer: int) -> str:
+    return f"layers.{layer}.moe_output"
+
+
+def input_names(config: MixtralConfig) -> list[str]:
+    caches = ((backend.past_key(i), backend.past_value(i)) for i in range(config.num_hidden_layers))
+    return [backend.INPUT_IDS, backend.POSITION_IDS, *itertools.chain.from_iterable(caches)]
+
+
+def output_names(config: MixtralConfig) -> list[str]:
+    new = ((backend.new_key(i), backend.new_value(i)) for i in range(config.num_hidden_layers))
+    return [backend.LOGITS, *itertools.chain.from_iterable(new)]
+
+
+class _FlatIO(nn.Module):
+    """Mixtral with flat graph I/O in `input_names` / `output_names` order (caches interleaved per layer)."""
+
+    def __init__(self, model: Mixtral):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor, *caches: Tensor) -> tuple[Tensor, ...]:
+        logits, new_k, new_v = self.model(input_ids, position_ids, caches[0::2], caches[1::2])
+        return (logits, *itertools.chain.from_iterable(zip(new_k, new_v, strict=True)))
+
+
+def trace(config: MixtralConfig, dtype: str, max_seq_len: int) -> ir.Model:
+    """The exported graph with meta-device initializers (replace them before saving).
+
+    Batch and sequence length are symbolic (`batch`, `seq`); the caches' sequence axis is `max_seq_len`.
+    """
+    contract.register_onnx_schema()
+    torch_dtype = TORCH_DTYPES[dtype]
+    with torch.device("meta"):
+        module = _FlatIO(Mixtral(config, moe_fn=topk_moe).to(torch_dtype)).eval()
+        batch, seq = 2, 3  # > 1 so that torch.export does not specialise either dimension
+        ids, positions = torch.zeros(batch, seq, dtype=torch.long), torch.zeros(batch, seq, dtype=torch.long)
+        cache_shape = (batch, config.num_key_value_heads, max_seq_len, config.head_dim)
+        caches = [torch.zeros(cache_shape, dtype=torch_dtype) for _ in range(2 * config.num_hidden_layers)]
+    b, t = torch.export.Dim(BATCH), torch.export.Dim(SEQ)
+    dynamic_shapes = {"input_ids": {0: b, 1: t}, "position_ids": {0: b, 1: t}, "caches": ({0: b},) * len(caches)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", (UserWarning, FutureWarning))  # torch.export's chatter about dim names
+        program = torch.onnx.export(
+            module,
+            (ids, positions, *caches),  # distinct tensors: torch.export merges aliased inputs
+            dynamo=True,
+            optimize=False,  # optimize=True renames initializers and fails on the meta device
+            opset_version=OPSET,
+            dynamic_shapes=dynamic_shapes,
+            input_names=input_names(config),
+            output_names=output_names(config),
+            custom_translation_table={torch.ops.moetrt.topk_moe.default: onnx_translation},
+            verbose=False,
+        )
+    model = program.model
+    _rename(model.graph, config)
+    return model
+
+
+def _rename(graph: ir.Graph, config: MixtralConfig) -> None:
+    """Initializers get their checkpoint names; each MoE node's I/O gets its layer's name."""
+    for value in list(graph.initializers.values()):
+        value.name = value.name.removeprefix("model.")
+        if config.tie_word_embeddings and value.name == "lm_head.weight":
+            value.name = "embed_tokens.weight"  # torch.export keeps the tied parameter's last name
+    for node in graph:
+        if (node.domain, node.op_type) == (contract.DOMAIN, contract.OP_TYPE):
+            layer = int(node.inputs[1].name.split(".")[1])  # layers.{i}.block_sparse_moe.gate.weight
+            node.inputs[0].name = moe_input(layer)
+            node.outputs[0].name = moe_output(layer)
