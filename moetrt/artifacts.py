@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -94,3 +95,13 @@ def manifest_config(manifest: dict[str, Any]) -> MixtralConfig:
 def artifact_hash(directory: str | Path) -> str:
     """sha256 of an artifact's manifest: the `parent` a child artifact records."""
     return hashlib.sha256((Path(directory) / MANIFEST).read_bytes()).hexdigest()
+
+
+TOKENIZER = "tokenizer.json"
+
+
+def carry_tokenizer(source_dir: str | Path, artifact_dir: str | Path) -> None:
+    """Copy the source's tokenizer.json (if it has one) so every artifact can turn text into ids on its own."""
+    source = Path(source_dir) / TOKENIZER
+    if source.is_file():
+        shutil.copyfile(source, Path(artifact_dir) / TOKENIZER)

@@ -91,5 +91,75 @@ def inspect(
     console.print(key_value_table("Memory", memory))
 
 
+@command
+def export(
+    checkpoint_dir: Annotated[Path, typer.Argument(help="Hugging Face checkpoint directory")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="export directory to write")],
+    max_seq_len: Annotated[int | None, typer.Option(help="KV-cache length (default: max_position_embeddings)")] = None,
+    max_batch: Annotated[int, typer.Option(help="largest batch engines are built for")] = 1,
+    dtype: Annotated[str | None, typer.Option(help="fp32 | fp16 | bf16 (default: the checkpoint's)")] = None,
+) -> None:
+    """Lower a checkpoint to ONNX: one moetrt::TopKMoE node per layer, static KV-cache I/O, external weights."""
+    from moetrt.export import export_checkpoint
+
+    path = export_checkpoint(checkpoint_dir, output, max_seq_len=max_seq_len, max_batch=max_batch, dtype=dtype)
+    console.print(f"export written to [bold]{path}[/bold]")
+
+
+@command
+def build(
+    export_dir: Annotated[Path, typer.Argument(help="directory written by `moetrt export`")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="engine directory to write")],
+    backend: Annotated[str, typer.Option(help="ort | trt")] = "ort",
+    precision: Annotated[str | None, typer.Option(help="ort: fp32 | int8 | int4; trt: fp16 | bf16")] = None,
+    threads: Annotated[int | None, typer.Option(help="ort: intra-op threads")] = None,
+    device: Annotated[str, typer.Option(help="ort: cpu | cuda (needs onnxruntime-gpu)")] = "cpu",
+) -> None:
+    """Build an ONNX Runtime or TensorRT engine from an export."""
+    if backend == "ort":
+        from moetrt.engines.ort import build_ort_engine
+
+        path = build_ort_engine(export_dir, output, precision=precision or "fp32", threads=threads, device=device)
+    elif backend == "trt":
+        from moetrt.engines.trt import build_trt_engine
+
+        path = build_trt_engine(export_dir, output, precision=precision or "fp16")
+    else:
+        raise MoetrtError(f"build: --backend must be 'ort' or 'trt', found {backend!r}")
+    console.print(f"{backend} engine written to [bold]{path}[/bold]")
+
+
+@command
+def generate(
+    engine_dir: Annotated[Path, typer.Argument(help="engine directory (or a checkpoint directory: eager)")],
+    prompt: Annotated[list[str] | None, typer.Option(help="prompt text; repeat for a batch")] = None,
+    token_ids: Annotated[list[str] | None, typer.Option(help="comma-separated ids; repeat for a batch")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="tokens to generate per row")] = 64,
+    temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
+    top_k: Annotated[int, typer.Option(help="0 = no top-k filter")] = 0,
+    top_p: Annotated[float, typer.Option(help="1 = no nucleus filter")] = 1.0,
+    seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
+    tokenizer: Annotated[
+        Path | None, typer.Option(help="directory with tokenizer.json (default: the engine's source checkpoint)")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object instead of streaming")] = False,
+) -> None:
+    """Generate from a prompt, streaming the text, then print prefill ms and decode tokens/s."""
+    from moetrt.runtime.textgen import run_generate
+
+    result = run_generate(
+        engine_dir, prompts=prompt or [], token_ids=token_ids or [], max_new_tokens=max_new_tokens,
+        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, tokenizer_dir=tokenizer,
+        stream_to=None if as_json else console,
+    )  # fmt: skip
+    if as_json:
+        print_json(result)
+    else:
+        console.print(
+            f"\n[dim]prefill {result['prefill_ms']:.1f} ms, first token {result['ttft_ms']:.1f} ms, "
+            f"decode {result['decode_tokens_per_s']:.1f} tokens/s ({result['backend']})[/dim]"
+        )
+
+
 def main() -> None:
     app()

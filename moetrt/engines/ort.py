@@ -17,7 +17,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from moetrt.artifacts import MANIFEST, artifact_hash, manifest_config, read_manifest, write_manifest
+from moetrt.artifacts import MANIFEST, artifact_hash, carry_tokenizer, manifest_config, read_manifest, write_manifest
 from moetrt.engines.ort_fold import fold_weight_transposes
 from moetrt.engines.ort_lowering import PRECISIONS, lower_topk_moe, router_logits
 from moetrt.errors import MoetrtError
@@ -87,6 +87,7 @@ def build_ort_engine(
             "parent": artifact_hash(export_dir),
         }
         write_manifest(tmp, "engine", body)
+        carry_tokenizer(export_dir, tmp)
     return output_dir
 
 

@@ -28,6 +28,7 @@ import onnx
 from onnx import helper
 
 import moetrt
+from moetrt.artifacts import carry_tokenizer
 from moetrt.errors import MoetrtError
 from moetrt.fsutil import atomic_dir
 from moetrt.model.config import MixtralConfig
@@ -290,4 +291,5 @@ def build_trt_engine(
             "engine": ENGINE_FILE,
         }
         (tmp / MANIFEST_FILE).write_text(json.dumps(body, indent=2) + "\n")
+        carry_tokenizer(export_dir, tmp)
     return output_dir

@@ -21,7 +21,7 @@ import onnx_ir as ir
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 
-from moetrt.artifacts import MANIFEST, write_manifest
+from moetrt.artifacts import MANIFEST, carry_tokenizer, write_manifest
 from moetrt.errors import MoetrtError
 from moetrt.export.trace import trace
 from moetrt.export.weights import DATA_FILE, place_external, write_weights
@@ -87,6 +87,7 @@ def export_checkpoint(
                 "files": {"model": MODEL_FILE, "data": DATA_FILE if weights else None},
             }
             write_manifest(tmp, "export", body)
+            carry_tokenizer(checkpoint_dir, tmp)
     return output_dir
 
 

@@ -8,16 +8,16 @@ a GPU build of onnxruntime) may be missing where a user only runs the other.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from moetrt.artifacts import MANIFEST as MANIFEST_FILE
+from moetrt.artifacts import read_manifest
 from moetrt.errors import MoetrtError
 from moetrt.model.checkpoint import load_model
 from moetrt.runtime.backend import Backend
 from moetrt.runtime.eager_backend import EagerBackend
 
-MANIFEST_FILE = "moetrt.json"
 BACKENDS = ("ort", "trt")
 
 
@@ -44,7 +44,7 @@ def load_backend(
         given = [name for name, value in fixed.items() if value is not None]
         if given:
             raise MoetrtError(f"{path}: {', '.join(given)} apply to checkpoints; an engine fixes them when it is built")
-        return _load_engine(path, _read_manifest(path), max_batch)
+        return _load_engine(path, read_manifest(path, "engine"), max_batch)
     if (path / "config.json").is_file():
         model = load_model(path, dtype=dtype, device=device or "cpu")
         return EagerBackend(model, max_batch or 1, max_seq_len or model.config.max_position_embeddings)
@@ -68,15 +68,3 @@ def _load_engine(path: Path, manifest: dict[str, Any], max_batch: int | None) ->
         f"{path / MANIFEST_FILE}: field 'backend' is {backend!r} (kind {manifest.get('kind')!r}); "
         f"expected an engine directory built for one of {', '.join(BACKENDS)}"
     )
-
-
-def _read_manifest(path: Path) -> dict[str, Any]:
-    """The engine manifest as a dict (a stand-in until moetrt/artifacts.py provides `read_manifest`)."""
-    file = path / MANIFEST_FILE
-    try:
-        manifest = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise MoetrtError(f"{file}: malformed JSON ({err})") from None
-    if not isinstance(manifest, dict):
-        raise MoetrtError(f"{file}: expected a JSON object, found {type(manifest).__name__}")
-    return manifest
