@@ -23,6 +23,9 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the artifact should get the usual permissions
     except OSError as err:
         raise MoetrtError(f"{final}: cannot write the output directory ({err.strerror})") from None
     try:

@@ -12,7 +12,6 @@ The model configurations matter for those two tests only; the loop's bookkeeping
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import types
 
@@ -20,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from moetrt.artifacts import write_manifest
 from moetrt.errors import MoetrtError
 from moetrt.model.config import PRESETS
 from moetrt.model.mixtral import KVCache
@@ -255,17 +255,21 @@ def test_load_backend_dispatch(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "moetrt.runtime.ort_backend", fake)
     engine = tmp_path / "engine"
     engine.mkdir()
-    (engine / "moetrt.json").write_text(json.dumps({"kind": "engine", "backend": "ort"}))
+    body = {"config": TINY.to_dict(), "dtype": "float32", "max_seq_len": 32, "max_batch": 1, "io": {}, "parent": ""}
+    write_manifest(engine, "engine", {**body, "backend": "ort"})
     assert load_backend(engine) == load_backend(engine, max_batch=3) == "ort"
     assert loaded == [(engine, {}), (engine, {"max_batch": 3})]
 
     with pytest.raises(MoetrtError, match="max_seq_len, dtype apply to checkpoints"):
         load_backend(engine, max_seq_len=64, dtype="float16")
-    (engine / "moetrt.json").write_text(json.dumps({"kind": "onnx"}))
-    with pytest.raises(MoetrtError, match=r"field 'backend' is None \(kind 'onnx'\)"):
+    write_manifest(engine, "engine", {**body, "backend": "onnx"})
+    with pytest.raises(MoetrtError, match=r"field 'backend' is 'onnx' \(kind 'engine'\)"):
+        load_backend(engine)
+    write_manifest(engine, "export", body)
+    with pytest.raises(MoetrtError, match="this is a 'export' artifact, expected 'engine'"):
         load_backend(engine)
     (engine / "moetrt.json").write_text("{")
-    with pytest.raises(MoetrtError, match="moetrt.json: malformed JSON"):
+    with pytest.raises(MoetrtError, match="moetrt.json: corrupt manifest"):
         load_backend(engine)
     with pytest.raises(MoetrtError, match="neither an engine"):
         load_backend(tmp_path)
