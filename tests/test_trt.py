@@ -7,7 +7,6 @@ interpreter without CUDA, as in test_kernels.py), which checks the wiring and th
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -175,29 +174,6 @@ def test_profiles_cover_prefill_and_decode():
     assert shapes == [(1, 8, 512, 128), (4, 8, 512, 128), (4, 8, 512, 128)]
     with pytest.raises(MoetrtError, match="dynamic axis 2"):
         trt_engine._input_shapes("past_key.0", (-1, 8, -1, 128), p["decode"])
-
-
-def test_export_manifest_is_read_defensively(tmp_path):
-    from moetrt.model.config import PRESETS
-
-    path = tmp_path / "moetrt.json"
-    with pytest.raises(MoetrtError, match="not found"):
-        trt_engine.read_export_manifest(tmp_path)
-    good = {"kind": "export", "contract_version": contract.CONTRACT_VERSION, "config": PRESETS["tiny"].to_dict(),
-            "dtype": "float16", "max_seq_len": 64, "max_batch": 2, "future_field": 1}  # fmt: skip
-    path.write_text(json.dumps(good))
-    assert trt_engine.read_export_manifest(tmp_path)["max_batch"] == 2
-    for change, message in [({"kind": "engine"}, "expected an export"), ({"contract_version": 99}, "version 99"),
-                            ({"config": {"hidden_size": "x"}}, "field 'config'")]:  # fmt: skip
-        path.write_text(json.dumps({**good, **change}))
-        with pytest.raises(MoetrtError, match=message):
-            trt_engine.read_export_manifest(tmp_path)
-    path.write_text(json.dumps({k: v for k, v in good.items() if k != "max_seq_len"}))
-    with pytest.raises(MoetrtError, match="field 'max_seq_len' missing"):
-        trt_engine.read_export_manifest(tmp_path)
-    path.write_text("[1, 2")
-    with pytest.raises(MoetrtError, match="unreadable manifest"):
-        trt_engine.read_export_manifest(tmp_path)
 
 
 @pytest.mark.skipif(HAVE_TRT, reason="checks the message shown when TensorRT is missing")

@@ -17,8 +17,6 @@ with the export's config, dtype, limits and graph I/O, the optimization profiles
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -27,17 +25,14 @@ from typing import Any
 import onnx
 from onnx import helper
 
-import moetrt
-from moetrt.artifacts import carry_tokenizer
+from moetrt.artifacts import artifact_hash, carry_tokenizer, read_manifest, write_manifest
 from moetrt.errors import MoetrtError
 from moetrt.fsutil import atomic_dir
-from moetrt.model.config import MixtralConfig
 from moetrt.plugins import contract
 from moetrt.plugins.kernels import geometry
 from moetrt.plugins.trt_moe import STAGE_FIELDS, STAGE_OPS
 
 MODEL_FILE = "model.onnx"
-MANIFEST_FILE = "moetrt.json"
 ENGINE_FILE = "model.engine"
 PRECISIONS = {"fp16": "float16", "bf16": "bfloat16"}
 PLUGIN_MODES = ("aot", "jit")
@@ -122,32 +117,6 @@ def _stage_nodes(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]], block
     return stage_nodes
 
 
-def read_export_manifest(export_dir: Path) -> dict[str, Any]:
-    """The export's moetrt.json, checked for what an engine build needs (config, dtype, limits)."""
-    path = export_dir / MANIFEST_FILE
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise MoetrtError(f"{path}: not found; expected an export directory (moetrt export)") from None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise MoetrtError(f"{path}: unreadable manifest ({err})") from None
-    if not isinstance(manifest, dict):
-        raise MoetrtError(f"{path}: corrupt manifest (expected a JSON object)")
-    if manifest.get("kind", "export") != "export":
-        raise MoetrtError(f"{path}: a {manifest['kind']!r} artifact, expected an export (moetrt export)")
-    if manifest.get("contract_version", contract.CONTRACT_VERSION) != contract.CONTRACT_VERSION:
-        raise MoetrtError(f"{path}: TopKMoE contract version {manifest['contract_version']}, this moetrt "
-                          f"implements {contract.CONTRACT_VERSION}; re-export")  # fmt: skip
-    for key in ("config", "dtype", "max_seq_len", "max_batch"):
-        if key not in manifest:
-            raise MoetrtError(f"{path}: field '{key}' missing")
-    try:
-        MixtralConfig.from_dict(manifest["config"])
-    except (TypeError, ValueError, MoetrtError) as err:
-        raise MoetrtError(f"{path}: field 'config': {err}") from None
-    return manifest
-
-
 def profiles(max_batch: int, max_seq_len: int, prefill_opt: int = 128) -> dict[str, dict[str, list[int]]]:
     """Optimization profiles over the two dynamic axes (batch, seq): prefill (any seq up to max_seq_len) and
     decode (seq = 1), each as min/opt/max."""
@@ -229,7 +198,9 @@ def build_trt_engine(
     except ImportError:
         raise MoetrtError(NOT_INSTALLED) from None
     export_dir, output_dir = Path(export_dir), Path(output_dir)
-    manifest = read_export_manifest(export_dir)
+    manifest = read_manifest(export_dir, "export")
+    if not manifest.get("weights", True):
+        raise MoetrtError(f"{export_dir}: a graph-only export (no weights); re-export with weights to build an engine")
     if precision not in PRECISIONS:
         raise MoetrtError(f"precision: expected one of {', '.join(PRECISIONS)}, found {precision!r}")
     if PRECISIONS[precision] != manifest["dtype"]:
@@ -270,14 +241,10 @@ def build_trt_engine(
     if cache_path is not None:
         _write_atomic(cache_path, memoryview(config.get_timing_cache().serialize()))
 
-    export_manifest_bytes = (export_dir / MANIFEST_FILE).read_bytes()
     with atomic_dir(output_dir) as tmp:
         (tmp / ENGINE_FILE).write_bytes(memoryview(serialized))
         body = {
-            "kind": "engine",
             "backend": "trt",
-            "moetrt_version": moetrt.__version__,
-            "contract_version": contract.CONTRACT_VERSION,
             "tensorrt_version": trt.__version__,
             "config": manifest["config"],
             "dtype": manifest["dtype"],
@@ -285,11 +252,11 @@ def build_trt_engine(
             "max_batch": limits["max_batch"],
             "max_seq_len": limits["max_seq_len"],
             "io": manifest.get("io", {}),
-            "parent": hashlib.sha256(export_manifest_bytes).hexdigest(),
+            "parent": artifact_hash(export_dir),
             "plugins": plugins,
             "profiles": shapes,
             "engine": ENGINE_FILE,
         }
-        (tmp / MANIFEST_FILE).write_text(json.dumps(body, indent=2) + "\n")
+        write_manifest(tmp, "engine", body)
         carry_tokenizer(export_dir, tmp)
     return output_dir

@@ -16,19 +16,18 @@ a live row. Imports of tensorrt happen at load; MoetrtError if TensorRT or a CUD
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from moetrt.artifacts import MANIFEST, read_manifest
 from moetrt.errors import MoetrtError
 from moetrt.model.config import MixtralConfig
 from moetrt.model.mixtral import TORCH_DTYPES
 from moetrt.runtime import backend as io
 
-MANIFEST_FILE = "moetrt.json"
 PREFILL, DECODE = 0, 1  # optimization profile indices, in the order moetrt.engines.trt builds them
 
 
@@ -183,18 +182,7 @@ def _import_tensorrt():
 
 
 def _read_manifest(engine_dir: Path) -> dict[str, Any]:
-    path = engine_dir / MANIFEST_FILE
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise MoetrtError(f"{path}: not found; expected a TensorRT engine directory") from None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise MoetrtError(f"{path}: unreadable manifest ({err})") from None
-    if not isinstance(manifest, dict) or manifest.get("backend") != "trt":
-        raise MoetrtError(f"{path}: not a TensorRT engine manifest (expected an object with backend 'trt')")
-    missing = [k for k in ("config", "dtype", "max_batch", "max_seq_len") if k not in manifest]
-    if missing:
-        raise MoetrtError(f"{path}: field '{missing[0]}' missing")
-    if manifest["dtype"] not in TORCH_DTYPES:
-        raise MoetrtError(f"{path}: field 'dtype' is {manifest['dtype']!r}, expected one of {sorted(TORCH_DTYPES)}")
+    manifest = read_manifest(engine_dir, "engine")
+    if manifest.get("backend") != "trt":
+        raise MoetrtError(f"{engine_dir / MANIFEST}: a {manifest.get('backend')!r} engine, expected a TensorRT engine")
     return manifest
