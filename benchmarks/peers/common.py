@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+# One prompt generator and one peak-RSS reading for moetrt and every peer (peak_rss_bytes reads VmHWM:
+# getrusage's ru_maxrss would include the parent's high-water mark, which Linux carries across exec).
+from moetrt.bench.workload import peak_rss_bytes, random_prompt  # noqa: F401  (re-exported to hf, ortgenai, verify)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,13 +28,6 @@ RESULT_FIELDS = (
     "peak_rss_bytes",  # ru_maxrss of the process that ran the benchmark (load + warmup + timed run)
     "token_ids",  # [batch][new_tokens] greedy ids of the timed run
 )
-
-
-def random_prompt(vocab_size: int, batch: int, prompt_len: int, seed: int = 0) -> np.ndarray:
-    """`[batch, prompt_len]` int64 ids drawn uniformly from [3, vocab_size): no <unk>/<s>/</s>, so no
-    stack treats a prompt token specially. Seeded with numpy's PCG64, so every peer sees the same ids."""
-    rng = np.random.default_rng(seed)
-    return rng.integers(3, vocab_size, size=(batch, prompt_len), dtype=np.int64)
 
 
 def timing_fields(t_start: float, token_times: list[float], batch: int) -> dict[str, float]:
@@ -52,12 +46,6 @@ def timing_fields(t_start: float, token_times: list[float], batch: int) -> dict[
         "decode_tokens_per_s": batch * (n - 1) / decode_s,
         "decode_ms_per_step": 1e3 * decode_s / (n - 1),
     }
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set size of THIS process (Linux reports ru_maxrss in KiB). Only meaningful when the
-    process ran one backend: see `run_isolated`."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def thread_env(threads: int) -> dict[str, str]:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.peers.common import run_isolated
+from moetrt.bench import bandwidth
 
 HF_BACKENDS: dict[str, dict[str, Any]] = {
     "hf-eager-dynamic": {"attn": "eager", "cache": "dynamic"},
@@ -37,7 +38,7 @@ HF_BACKENDS: dict[str, dict[str, Any]] = {
 ORT_BACKENDS = ("ortgenai-fp32", "ortgenai-int8", "ortgenai-int4")
 DEFAULT_BACKENDS = ("hf-eager-dynamic", "hf-eager-static", *ORT_BACKENDS)
 # Effective bytes per weight incl. block-32 fp32 scales (ORT GenAI keeps the router fp32).
-BYTES_PER_PARAM = {"fp32": 4.0, "int8": 1 + 4 / 32, "int4": 0.5 + 4 / 32}
+BYTES_PER_PARAM = {p: bandwidth.BYTES_PER_PARAM[p] for p in ("fp32", "int8", "int4")}
 
 
 def checkpoint_stamp(checkpoint: Path) -> dict[str, Any]:
@@ -196,19 +197,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     membw = None
     if not args.no_membw:
-        from benchmarks.peers.membw import bound_tokens_per_s, decode_bytes_per_token
         from moetrt.model.config import MixtralConfig
 
         membw = run_isolated(
-            "benchmarks.peers.membw:read_bandwidth_gbs", {"threads": args.threads}, threads=args.threads
+            "moetrt.bench.bandwidth:read_bandwidth_gbs", {"threads": args.threads}, threads=args.threads
         )
         config = MixtralConfig.from_pretrained(args.checkpoint)
         membw["bytes_per_token"] = {
-            p: decode_bytes_per_token(config, bpp, router_bytes_per_param=4)["total"]
+            p: bandwidth.decode_bytes_per_token(config, bpp, router_bytes_per_param=4)["total"]
             for p, bpp in BYTES_PER_PARAM.items()
         }
         membw["bound_tokens_per_s"] = {
-            p: bound_tokens_per_s(membw["gbs"], n) for p, n in membw["bytes_per_token"].items()
+            p: bandwidth.bound_tokens_per_s(membw["gbs"], n) for p, n in membw["bytes_per_token"].items()
         }
 
     ref = results[0]  # the first backend that ran

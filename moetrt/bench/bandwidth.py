@@ -4,6 +4,9 @@ At batch 1 a decode step reads every weight it uses once and does ~2 flops per w
 the cores can do, so tokens/s is capped by how fast the weights stream from DRAM. `bound_tokens_per_s`
 is that cap; a backend's decode tok/s divided by it is its bandwidth efficiency, which compares across
 machines better than raw tok/s (and shows how much headroom is left).
+
+This is the one implementation: `moetrt bench`, benchmarks/run_all.py and the peer baselines in
+benchmarks/peers all use it.
 """
 
 from __future__ import annotations
@@ -59,41 +62,65 @@ def read_bandwidth_gbs(threads: int = 1, size_bytes: int = 1 << 30, repeats: int
 
 
 def decode_bytes_per_token(
-    config: Any, bytes_per_param: float, router_bytes_per_param: float | None = None, context_len: int = 0
+    config: Any,
+    bytes_per_param: float,
+    router_bytes_per_param: float | None = None,
+    context_len: int = 0,
+    expert_bytes_per_param: float | None = None,
+    batch: int = 1,
 ) -> dict[str, float]:
-    """Bytes one batch-1 decode step reads, by part (and `total`), for a Mixtral-class `config`
+    """Bytes one decode step of `batch` rows reads, by part (and `total`), for a Mixtral-class `config`
     (moetrt `MixtralConfig` or a transformers `MixtralConfig`: same field names).
 
-        embedding   = H                                  (one row of the table is gathered)
+        embedding   = B * H                              (one row of the table per token)
         attention   = L * (H*nh*hd + 2*H*nkv*hd + nh*hd*H)   (q, k, v, o projections)
-        experts     = L * k * 3*H*F                       (top-k of E experts: w1, w3, w2)
+        experts     = L * e(B) * 3*H*F                    (w1, w3, w2 of the experts the step touches)
         router      = L * E*H
         norms       = (2L + 1) * H
         lm_head     = V*H                                 (read in full even when tied to the embedding)
-        (times bytes_per_param; router times router_bytes_per_param, default the same)
-        kv_cache    = 2 * L * nkv*hd * 4 bytes * context_len   (fp32 K and V of the past tokens)
+        (times bytes_per_param; experts times expert_bytes_per_param and router times
+        router_bytes_per_param, both defaulting to bytes_per_param)
+        kv_cache    = B * 2 * L * nkv*hd * 4 bytes * context_len   (fp32 K and V of the past tokens)
 
+    e(1) = k: a token's top-k experts are distinct. For B > 1 rows, e(B) = E * (1 - (1 - k/E)^B), the
+    expected number of distinct experts when each row picks its k uniformly: an estimate (real routing is
+    neither uniform nor independent), which is why figures for B > 1 are labelled as such where shown.
     Quantized weights: pass the effective bytes including scales, e.g. block-32 int8 with fp32 scales
-    1 + 4/32 = 1.125, int4 0.5 + 4/32 = 0.625. Assumes the k experts of a token are distinct (they are:
-    top-k picks k different experts)."""
+    1 + 4/32 = 1.125, int4 0.5 + 4/32 = 0.625."""
     h, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
     layers, heads, kv_heads = config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or h // heads
     experts, top_k = config.num_local_experts, config.num_experts_per_tok
     rb = bytes_per_param if router_bytes_per_param is None else router_bytes_per_param
+    eb = bytes_per_param if expert_bytes_per_param is None else expert_bytes_per_param
+    touched = top_k if batch == 1 else experts * (1 - (1 - top_k / experts) ** batch)
     parts = {
-        "embedding": h * bytes_per_param,
+        "embedding": batch * h * bytes_per_param,
         "attention": layers * (2 * h * heads * head_dim + 2 * h * kv_heads * head_dim) * bytes_per_param,
-        "experts": layers * top_k * 3 * h * f * bytes_per_param,
+        "experts": layers * touched * 3 * h * f * eb,
         "router": layers * experts * h * rb,
         "norms": (2 * layers + 1) * h * bytes_per_param,
         "lm_head": v * h * bytes_per_param,
-        "kv_cache": 2 * layers * kv_heads * head_dim * 4 * context_len,
+        "kv_cache": batch * 2 * layers * kv_heads * head_dim * 4 * context_len,
     }
     parts["total"] = sum(parts.values())
     return parts
 
 
-def bound_tokens_per_s(bandwidth_gbs: float, bytes_per_token: float) -> float:
-    """The bandwidth cap on batch-1 decode: (bandwidth in bytes/s) / (bytes per token)."""
-    return bandwidth_gbs * 1e9 / bytes_per_token
+def bound_tokens_per_s(bandwidth_gbs: float, bytes_per_step: float, batch: int = 1) -> float:
+    """The bandwidth cap on decode: `batch` tokens per step, each step reading `bytes_per_step` bytes."""
+    return batch * bandwidth_gbs * 1e9 / bytes_per_step
+
+
+# Effective bytes per weight incl. block-32 fp32 scales.
+BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "int8": 1 + 4 / 32, "int4": 0.5 + 4 / 32}
+
+
+def engine_bytes_per_token(config: Any, precision: str, batch: int = 1, context_len: int = 0) -> dict[str, float]:
+    """`decode_bytes_per_token` for a moetrt engine of `precision`: eager and fp32 engines read fp32 weights,
+    TensorRT fp16 reads fp16, and int8 / int4 engines quantize only the experts (QMoE), so attention, the
+    router and lm_head stay fp32 (moetrt/engines/ort_lowering.py)."""
+    dense = BYTES_PER_PARAM["fp16" if precision == "fp16" else "fp32"]
+    return decode_bytes_per_token(
+        config, dense, context_len=context_len, expert_bytes_per_param=BYTES_PER_PARAM[precision], batch=batch
+    )
