@@ -161,5 +161,32 @@ def generate(
         )
 
 
+@command
+def bench(
+    checkpoint_dir: Annotated[Path | None, typer.Argument(help="Hugging Face checkpoint directory")] = None,
+    preset: Annotated[str | None, typer.Option(help="benchmark a seeded checkpoint of this preset (cached)")] = None,
+    backends: Annotated[str, typer.Option(help="comma-separated: eager, ort-fp32, ort-int8, ort-int4, trt")] = (
+        "eager,ort-fp32,ort-int8,ort-int4"
+    ),
+    prompt_len: Annotated[int, typer.Option(help="prompt tokens per row")] = 128,
+    new_tokens: Annotated[int, typer.Option(help="tokens generated per row")] = 128,
+    batch: Annotated[int, typer.Option(help="rows per batch")] = 1,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: physical cores)")] = None,
+    rounds: Annotated[int, typer.Option(help="interleaved rounds; figures are medians")] = 1,
+    workdir: Annotated[Path | None, typer.Option(help="where exports and engines go (default: in the cache)")] = None,
+    reuse: Annotated[bool, typer.Option(help="keep artifacts in --workdir made from the same parent")] = False,
+    as_json: Annotated[Path | None, typer.Option("--json", help="write the rows as a JSON list")] = None,
+    plot: Annotated[Path | None, typer.Option(help="write a PNG bar chart (needs matplotlib)")] = None,
+) -> None:
+    """Measure prefill, time to first token, decode tokens/s and peak memory per backend, each in its own process,
+    against the eager reference and the memory-bandwidth bound."""
+    from moetrt.bench.run import run_bench
+
+    run_bench(
+        checkpoint_dir, preset, backends, prompt_len, new_tokens, batch, threads, rounds, workdir, reuse, as_json,
+        plot, console=console,
+    )  # fmt: skip
+
+
 def main() -> None:
     app()

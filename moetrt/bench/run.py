@@ -1,0 +1,137 @@
+"""`moetrt bench`: export once, build each requested engine, measure every backend in its own process.
+
+Rounds are interleaved (round 1 runs every backend, then round 2, ...) and each figure is the median over
+rounds: on a shared machine throughput drifts over minutes, and interleaving spreads the drift over all
+backends instead of charging it to whichever ran during a busy spell. Read the ratios (to the eager
+reference, measured in the same run) and the fractions of the bandwidth bound; absolute numbers move with
+the machine's load.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from moetrt.bench import report
+from moetrt.bench.isolate import run_isolated
+from moetrt.bench.prepare import BACKENDS, parse_backends, prepare
+from moetrt.cachedir import cache_root, preset_checkpoint
+from moetrt.errors import MoetrtError
+from moetrt.model.config import MixtralConfig
+
+
+def default_threads() -> int:
+    """Physical cores, like ONNX Runtime's default (hyper-threads slow bandwidth-bound decode down)."""
+    import psutil
+
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+def resolve_checkpoint(checkpoint_dir: Path | None, preset: str | None, console: Console) -> Path:
+    """The checkpoint to benchmark: a directory, or the cached seeded checkpoint of a preset."""
+    if (checkpoint_dir is None) == (preset is None):
+        raise MoetrtError("bench: give exactly one of CHECKPOINT_DIR or --preset NAME")
+    if checkpoint_dir is not None:
+        return checkpoint_dir
+    with console.status(f"seeded checkpoint for preset {preset!r}"):
+        path, reused = preset_checkpoint(preset)
+    console.print(f"checkpoint ({'reused' if reused else 'made'}): {path}")
+    return path
+
+
+def run_bench(
+    checkpoint_dir: Path | None = None,
+    preset: str | None = None,
+    backends: str = "eager,ort-fp32,ort-int8,ort-int4",
+    prompt_len: int = 128,
+    new_tokens: int = 128,
+    batch: int = 1,
+    threads: int | None = None,
+    rounds: int = 1,
+    workdir: Path | None = None,
+    reuse: bool = False,
+    json_out: Path | None = None,
+    plot_out: Path | None = None,
+    console: Console | None = None,
+) -> list[dict[str, Any]]:
+    """Benchmark `backends` on one checkpoint; print the table, write JSON / PNG when asked, return the rows.
+
+    A backend that fails is reported and the others still run; the call then raises MoetrtError naming it
+    (after writing what it has)."""
+    console = console or Console()
+    names = parse_backends(backends)
+    limits = {"--prompt-len": (prompt_len, 1), "--new-tokens": (new_tokens, 2), "--batch": (batch, 1),
+              "--rounds": (rounds, 1), "--threads": (1 if threads is None else threads, 1)}  # fmt: skip
+    for flag, (value, least) in limits.items():
+        if value < least:
+            raise MoetrtError(f"{flag}: expected an integer >= {least}, found {value}")
+    threads = threads or default_threads()
+    checkpoint_dir = resolve_checkpoint(checkpoint_dir, preset, console)
+    config = MixtralConfig.from_pretrained(checkpoint_dir)
+    max_seq_len = prompt_len + new_tokens
+    if max_seq_len > config.max_position_embeddings:
+        raise MoetrtError(f"prompt + new tokens = {max_seq_len} exceeds max_position_embeddings "
+                          f"{config.max_position_embeddings}")  # fmt: skip
+    workdir = workdir or cache_root() / "bench" / checkpoint_dir.resolve().name
+    paths, steps = prepare(checkpoint_dir, names, workdir, max_seq_len, batch, threads, reuse)
+    for step in steps:
+        console.print(f"{step.step}: {'reused' if step.reused else f'{step.seconds:.1f} s'} -> {step.path}")
+
+    with console.status(f"read bandwidth ({threads} threads)"):
+        bandwidth = run_isolated("moetrt.bench.bandwidth:read_bandwidth_gbs", {"threads": threads}, threads)
+    console.print(f"read bandwidth: {bandwidth['gbs']:.1f} GB/s ({threads} threads)")
+
+    workload = {"prompt_len": prompt_len, "new_tokens": new_tokens, "batch": batch, "threads": threads}
+    runs, errors = measure_rounds(paths, workload, rounds, console)
+    rows = []
+    for name in names:
+        if runs[name]:
+            row = report.summarize(runs[name])
+            rows.append({**row, "precision": BACKENDS[name][1], **workload})
+    reference = "eager" if "eager" in runs and runs["eager"] else names[0]
+    report.annotate(rows, config, bandwidth["gbs"], reference)
+    title = (f"moetrt bench {checkpoint_dir.name}: prompt {prompt_len}, {new_tokens} new tokens, batch {batch}, "
+             f"{threads} threads, median of {rounds} round(s); ratios to {reference}")  # fmt: skip
+    # Piped output (logs, CI) gets a fixed width: rich would otherwise squeeze the 12 columns into 80.
+    console.print(report.table(rows, title), width=None if console.is_terminal else 170)
+    if json_out is not None:
+        report.write_json(rows, json_out)
+        console.print(f"JSON: {json_out}")
+    if plot_out is not None and rows:
+        from moetrt.bench.plot import plot
+
+        console.print(f"plot: {plot(rows, plot_out, title)}")
+    if errors:
+        raise MoetrtError("; ".join(f"{name} failed: {err.splitlines()[0]}" for name, err in errors.items()))
+    return rows
+
+
+def measure_rounds(
+    paths: dict[str, Path], workload: dict[str, int], rounds: int, console: Console
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, str]]:
+    """Interleaved rounds of `moetrt.bench.measure.measure`, one process per measurement.
+
+    Returns the runs per backend and, for each backend that failed, the child's error (it is not retried)."""
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in paths}
+    errors: dict[str, str] = {}
+    for rnd in range(1, rounds + 1):
+        for name, path in paths.items():
+            if name in errors:
+                continue
+            kwargs = {"path": str(path), "backend": name, **workload}
+            with console.status(f"round {rnd}/{rounds}: {name}"):
+                try:
+                    run = run_isolated("moetrt.bench.measure:measure", kwargs, workload["threads"])
+                except RuntimeError as err:
+                    errors[name] = str(err)
+                    console.print(f"[red]{name}: failed[/red]\n{err}")
+                    continue
+            runs[name].append(run)
+            console.print(
+                f"round {rnd}/{rounds} {name}: prefill {run['prefill_ms']:.1f} ms, "
+                f"decode {run['decode_tokens_per_s']:.1f} tok/s"
+            )
+    return runs, errors
