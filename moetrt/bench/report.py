@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,22 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return row
 
 
-def annotate(rows: list[dict[str, Any]], config: Any, bandwidth_gbs: float | None, reference: str) -> None:
-    """Add the ratios to `reference` (a backend name; same batch) and the bandwidth bound to each row."""
+def annotate(
+    rows: list[dict[str, Any]],
+    config: Any,
+    bandwidth_gbs: float | None,
+    reference: str,
+    step_bytes: Callable[[dict[str, Any]], float] | None = None,
+) -> None:
+    """Add the ratios to `reference` (a backend name; same batch) and the bandwidth bound to each row.
+
+    step_bytes(row): bytes one decode step of that row reads; default: a moetrt engine of the row's precision
+    (benchmarks/run_all.py passes the peers' layouts)."""
+
+    def engine_step_bytes(row: dict[str, Any]) -> float:
+        return engine_bytes_per_token(config, row["precision"], row["batch"], row["prompt_len"])["total"]
+
+    step_bytes = step_bytes or engine_step_bytes
     refs = {row["batch"]: row for row in rows if row["backend"] == reference}
     for row in rows:
         ref = refs.get(row["batch"])
@@ -50,8 +65,7 @@ def annotate(rows: list[dict[str, Any]], config: Any, bandwidth_gbs: float | Non
         row["tokens_match_ref"] = prefix_match(row["token_ids"], ref["token_ids"]) if ref else None
         row["bandwidth_gbs"] = bandwidth_gbs
         if bandwidth_gbs:
-            step_bytes = engine_bytes_per_token(config, row["precision"], row["batch"], row["prompt_len"])["total"]
-            row["bound_tokens_per_s"] = bound_tokens_per_s(bandwidth_gbs, step_bytes, row["batch"])
+            row["bound_tokens_per_s"] = bound_tokens_per_s(bandwidth_gbs, step_bytes(row), row["batch"])
             row["bound_fraction"] = row["decode_tokens_per_s"] / row["bound_tokens_per_s"]
         else:
             row["bound_tokens_per_s"] = row["bound_fraction"] = None
@@ -68,8 +82,8 @@ def prefix_match(tokens: list[list[int]], ref: list[list[int]]) -> int:
     return min(lengths)
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+def _fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
+    return "-" if value is None else format(value if scale == 1 else value * scale, spec)
 
 
 COLUMNS = (
@@ -81,9 +95,9 @@ COLUMNS = (
     ("x ref decode", lambda r: _fmt(r["decode_vs_ref"], ".2f")),
     ("x ref TTFT", lambda r: _fmt(r["ttft_vs_ref"], ".2f")),
     ("bound tok/s", lambda r: _fmt(r["bound_tokens_per_s"], ".1f")),
-    ("% of bound", lambda r: _fmt(r["bound_fraction"] and 100 * r["bound_fraction"], ".0f")),
-    ("peak RSS MiB", lambda r: f"{r['peak_rss_bytes'] / 2**20:.0f}"),
-    ("GPU MiB", lambda r: _fmt(r["gpu_mem_bytes"] and r["gpu_mem_bytes"] / 2**20, ".0f")),
+    ("% of bound", lambda r: _fmt(r["bound_fraction"], ".0f", 100)),
+    ("peak RSS MiB", lambda r: _fmt(r["peak_rss_bytes"], ".0f", 2**-20)),
+    ("GPU MiB", lambda r: _fmt(r["gpu_mem_bytes"], ".0f", 2**-20)),
     ("tokens = ref", lambda r: _fmt(r["tokens_match_ref"], "d") + f"/{r['new_tokens']}"),
 )
 
