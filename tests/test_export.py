@@ -107,6 +107,15 @@ def test_one_topk_moe_node_per_layer(exported):
         assert {e.key: e.value for e in tensor.external_data}["location"] == DATA_FILE
 
 
+def test_caches_feed_only_views(exported):
+    """A cache may reach the attention MatMuls through views only: a Slice or Transpose that ORT does not
+    fuse away copies the whole cache every step (see benchmarks/bench_kv_designs.py)."""
+    proto = onnx.load(exported / "model.onnx", load_external_data=False)
+    caches = set(input_names(TINY)[2:])
+    readers = {n.op_type for n in proto.graph.node if caches.intersection(n.input)}
+    assert readers <= {"Unsqueeze", "Shape"}, readers
+
+
 def test_manifest(exported, checkpoint):
     m = artifacts.read_manifest(exported, "export")
     assert m["kind"] == "export" and m["contract_version"] == contract.CONTRACT_VERSION

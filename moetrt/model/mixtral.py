@@ -147,15 +147,17 @@ class Attention(nn.Module):
         # Query head h = g * n_rep + r reads KV head g: group the queries instead of repeating the cache.
         q = q.reshape(b, n_kv, n_rep, t, d)
         scale = 1.0 / math.sqrt(d)
-        s_cache = (q @ k_cache[:, :, None].transpose(-1, -2)) * scale  # [B, KV, R, T, S]
-        s_new = (q @ k[:, :, None].transpose(-1, -2)) * scale  # [B, KV, R, T, T]
+        # unsqueeze(2), not [:, :, None]: the indexing form exports a Slice over the batch axis that ONNX
+        # Runtime executes as a whole-cache copy every step. ORT fuses the transpose into FusedMatMul.
+        s_cache = (q @ k_cache.unsqueeze(2).transpose(-1, -2)) * scale  # [B, KV, R, T, S]
+        s_new = (q @ k.unsqueeze(2).transpose(-1, -2)) * scale  # [B, KV, R, T, T]
         s_cache = s_cache.masked_fill(~see_cache, float("-inf"))
         s_new = s_new.masked_fill(~see_new, float("-inf"))
         probs = torch.softmax(torch.cat((s_cache, s_new), dim=-1), dim=-1, dtype=torch.float32).to(x.dtype)
         # Slices, not split(): a split at a symbolic size exports to SplitToSequence/SequenceAt, which
         # TensorRT cannot parse and ONNX does not define for bfloat16.
         p_cache, p_new = probs[..., : k_cache.shape[2]], probs[..., k_cache.shape[2] :]
-        out = p_cache @ v_cache[:, :, None] + p_new @ v[:, :, None]  # [B, KV, R, T, D]
+        out = p_cache @ v_cache.unsqueeze(2) + p_new @ v.unsqueeze(2)  # [B, KV, R, T, D]
         out = out.reshape(b, self.n_heads, t, d).transpose(1, 2).reshape(b, t, self.n_heads * d)
         return self.o_proj(out), k, v
 
