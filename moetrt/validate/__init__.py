@@ -1,0 +1,104 @@
+"""`moetrt validate`: does an engine compute what the eager model computes, within its precision's tolerances?
+
+    report = validate(checkpoint_dir, engine_dir, prompts_file=None, num_random=4, steps=16, batch=2)
+    render(report, console)        # rich tables + one-line verdict
+    report.passed                  # the CLI exits 0 / 1 on it
+
+Pieces, Polygraphy-style: `inputs` (prompts, batches, feed dicts), `runners` (the eager runner and the
+engine's graph runner), `checks` (one function per check), `tolerances` (the one table), `report`,
+`suite` (the two passes that tie them together). See docs/validation.md.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from moetrt.errors import MoetrtError
+from moetrt.model.checkpoint import load_model
+from moetrt.model.config import MixtralConfig
+from moetrt.validate.inputs import check_fits, load_prompts
+from moetrt.validate.report import ValidationReport, render
+from moetrt.validate.runners import EngineUnderTest, open_ort_engine
+from moetrt.validate.suite import run_suite
+from moetrt.validate.tolerances import TOLERANCES
+
+__all__ = ["ValidationReport", "open_engine", "render", "validate", "validate_engine"]
+
+
+def validate(
+    checkpoint_dir: str | Path,
+    engine_dir: str | Path,
+    prompts_file: str | Path | None = None,
+    num_random: int = 4,
+    steps: int = 16,
+    batch: int = 2,
+    json_out: str | Path | None = None,
+    seed: int = 0,
+) -> ValidationReport:
+    """Validate the engine in `engine_dir` against the eager model of `checkpoint_dir`.
+
+    Prompts: the lines of `prompts_file` (tokenized with the checkpoint's tokenizer) followed by
+    `num_random` seeded random prompts of unequal lengths, run `batch` at a time; greedy decoding runs
+    `steps` tokens. Refuses (MoetrtError, one line) an engine built from another model. Writes the JSON
+    report to `json_out` when given.
+    """
+    checkpoint_dir, engine_dir = Path(checkpoint_dir), Path(engine_dir)
+    config = MixtralConfig.from_pretrained(checkpoint_dir)
+    engine = open_engine(engine_dir, config)
+    report = validate_engine(checkpoint_dir, engine, prompts_file, num_random, steps, batch, seed)
+    if json_out is not None:
+        report.write_json(json_out)
+    return report
+
+
+def validate_engine(
+    checkpoint_dir: str | Path,
+    engine: EngineUnderTest,
+    prompts_file: str | Path | None = None,
+    num_random: int = 4,
+    steps: int = 16,
+    batch: int = 2,
+    seed: int = 0,
+) -> ValidationReport:
+    """`validate` for an already opened engine (tests wrap its backend or runner to inject faults)."""
+    model = load_model(checkpoint_dir, dtype=engine.dtype)
+    prompts = load_prompts(checkpoint_dir, model.config, prompts_file, num_random, seed)
+    check_fits(prompts, steps, engine.max_seq_len)
+    results = run_suite(model, engine, prompts, steps, batch, TOLERANCES[engine.precision])
+    inputs = {"prompts": len(prompts), "from_file": prompts_file is not None and str(prompts_file),
+              "random": num_random, "batch": batch, "steps": steps, "seed": seed}  # fmt: skip
+    return ValidationReport(str(checkpoint_dir), engine.name, engine.precision, inputs, results)
+
+
+def open_engine(engine_dir: Path, config: MixtralConfig) -> EngineUnderTest:
+    """Open an engine directory for validation, refusing one built from a model other than `config`'s."""
+    manifest = _engine_manifest(engine_dir)
+    built_for = MixtralConfig.from_dict(manifest["config"])
+    if built_for != config:
+        field = next(k for k, v in built_for.to_dict().items() if config.to_dict().get(k) != v)
+        raise MoetrtError(
+            f"{engine_dir}: engine built from another model ({field} = {getattr(built_for, field)!r} in its "
+            f"manifest, {getattr(config, field)!r} in the checkpoint's config.json)"
+        )
+    if manifest.get("backend") == "ort":
+        from moetrt.runtime.ort_backend import read_engine_manifest
+
+        return open_ort_engine(engine_dir, read_engine_manifest(engine_dir))
+    raise MoetrtError(
+        f"{engine_dir / 'moetrt.json'}: backend {manifest.get('backend')!r}; validate runs ONNX Runtime engines ('ort')"
+    )
+
+
+def _engine_manifest(engine_dir: Path) -> dict[str, Any]:
+    path = engine_dir / "moetrt.json"
+    if not path.is_file():
+        raise MoetrtError(f"{path}: not found; expected an engine directory (`moetrt build`)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise MoetrtError(f"{path}: malformed JSON ({err})") from None
+    if not isinstance(manifest, dict) or manifest.get("kind") != "engine" or "config" not in manifest:
+        raise MoetrtError(f"{path}: not an engine manifest (expected kind 'engine' with a 'config')")
+    return manifest
