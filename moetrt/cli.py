@@ -162,6 +162,15 @@ def generate(
 
 
 @command
+def demo() -> None:
+    """The whole pipeline on a small built-in model: checkpoint, export, engine, streamed generation, validation."""
+    from moetrt.demo import run_demo
+
+    if not run_demo(console):
+        raise typer.Exit(1)
+
+
+@command
 def bench(
     checkpoint_dir: Annotated[Path | None, typer.Argument(help="Hugging Face checkpoint directory")] = None,
     preset: Annotated[str | None, typer.Option(help="benchmark a seeded checkpoint of this preset (cached)")] = None,
@@ -178,8 +187,7 @@ def bench(
     as_json: Annotated[Path | None, typer.Option("--json", help="write the rows as a JSON list")] = None,
     plot: Annotated[Path | None, typer.Option(help="write a PNG bar chart (needs matplotlib)")] = None,
 ) -> None:
-    """Measure prefill, time to first token, decode tokens/s and peak memory per backend, each in its own process,
-    against the eager reference and the memory-bandwidth bound."""
+    """Measure each backend in its own process (prefill, first token, decode tokens/s, peak memory) vs eager."""
     from moetrt.bench.run import run_bench
 
     run_bench(

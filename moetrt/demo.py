@@ -1,0 +1,153 @@
+"""`moetrt demo`: the whole pipeline on a built-in model, so a new user sees every stage work in a minute.
+
+    checkpoint   seeded-random Mixtral (the `tiny` preset: 2 layers, 4 experts top-2), made once and
+                 reused from the cache ($MOETRT_CACHE or ~/.cache/moetrt) while intact
+    export       torch.onnx -> model.onnx with one moetrt::TopKMoE node per layer
+    build        the best engine this machine runs: TensorRT fp16 when `tensorrt` imports and CUDA is
+                 available, else ONNX Runtime fp32 on the CPU
+    generate     a prompt through the engine, text streamed as it is decoded
+    validate     the engine against the eager model (moetrt.validate)
+then a table of what each step cost and where its artifact is, and a one-line verdict. The export and the
+engine are made afresh on every run (their timings are part of the point); only the checkpoint is cached.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+from rich.console import Console
+from rich.table import Table
+
+from moetrt.cachedir import cache_root, preset_checkpoint
+from moetrt.errors import MoetrtError
+
+PRESET = "tiny"
+PROMPT = "Mixture-of-Experts language models route every token to"
+NEW_TOKENS = 40
+MAX_SEQ_LEN = 256  # the prompt, the generated tokens and the validation suite's prompts + steps fit
+MAX_BATCH = 2  # the validation suite runs its prompts two at a time
+
+
+@dataclass
+class Step:
+    name: str
+    seconds: float = 0.0
+    artifact: Path | None = None
+    note: str = ""
+
+
+def best_engine() -> tuple[str, str]:
+    """(backend, precision): TensorRT fp16 when TensorRT imports and torch sees a CUDA GPU, else ORT fp32."""
+    try:
+        import tensorrt  # noqa: F401
+        import torch
+    except ImportError:
+        return "ort", "fp32"
+    return ("trt", "fp16") if torch.cuda.is_available() else ("ort", "fp32")
+
+
+def run_demo(console: Console) -> bool:
+    """Run every stage, printing as it goes; True when the engine was built, ran, and passed validation."""
+    startup_s = time.time() - psutil.Process().create_time()  # interpreter start and imports, before any step
+    root = cache_root() / "demo"
+    backend, precision = best_engine()
+    console.rule(f"moetrt demo: {PRESET} Mixtral -> {backend} {precision} engine, artifacts in {root}")
+    steps: list[Step] = []
+
+    with _step(console, steps, "checkpoint") as step:
+        step.artifact, reused = preset_checkpoint(PRESET)
+        step.note = "reused from the cache" if reused else "made (seeded random weights, trained BPE tokenizer)"
+    checkpoint = step.artifact
+
+    with _step(console, steps, "export") as step:
+        from moetrt.export import export_checkpoint
+
+        dtype = "float16" if backend == "trt" else "float32"
+        step.artifact = export_checkpoint(
+            checkpoint, root / "export", max_seq_len=MAX_SEQ_LEN, max_batch=MAX_BATCH, dtype=dtype
+        )
+        step.note = f"{dtype}, one moetrt::TopKMoE node per layer"
+    export = step.artifact
+
+    with _step(console, steps, "build") as step:
+        step.artifact = _build(backend, precision, export, root / f"engine-{backend}-{precision}")
+        step.note = f"{backend} {precision}"
+    engine = step.artifact
+
+    with _step(console, steps, "generate") as step:
+        from moetrt.runtime.textgen import run_generate
+
+        result = run_generate(engine, prompts=[PROMPT], token_ids=[], max_new_tokens=NEW_TOKENS, stream_to=console)
+        console.print("\n[dim](random weights: the text is noise; validation checks it is the eager model's noise)[/]")
+        step.artifact = engine
+        step.note = (f"{len(result['token_ids'])} tokens: prefill {result['prefill_ms']:.1f} ms, "
+                     f"decode {result['decode_tokens_per_s']:.0f} tokens/s")  # fmt: skip
+
+    with _step(console, steps, "validate") as step:
+        report, why_not = _validate(checkpoint, engine, backend, root / "validation.json", console)
+        step.artifact = root / "validation.json" if report else None
+        step.note = (("PASS" if report.passed else "FAIL") + f", {len(report.checks)} checks") if report else why_not
+
+    console.print(_summary(steps, startup_s))
+    if report is None:
+        console.print(f"[bold yellow]verdict: BUILT AND RAN, NOT VALIDATED ({why_not})[/]")
+        return True
+    console.print(f"[bold {'green' if report.passed else 'red'}]verdict: {report.verdict()}[/]")
+    return report.passed
+
+
+@contextmanager
+def _step(console: Console, steps: list[Step], name: str) -> Iterator[Step]:
+    """Announce a step, time it, record it."""
+    step = Step(name)
+    steps.append(step)
+    console.rule(f"[bold]{len(steps)}. {name}", align="left", style="dim")
+    t0 = time.perf_counter()
+    try:
+        yield step
+    finally:
+        step.seconds = time.perf_counter() - t0
+        console.print(f"[dim]{name}: {step.seconds:.1f} s[/dim]")
+
+
+def _build(backend: str, precision: str, export: Path, out: Path) -> Path:
+    if backend == "trt":
+        from moetrt.engines.trt import build_trt_engine
+
+        return build_trt_engine(export, out, precision=precision)
+    from moetrt.engines.ort import build_ort_engine
+
+    return build_ort_engine(export, out, precision=precision)
+
+
+def _validate(checkpoint: Path, engine: Path, backend: str, json_out: Path, console: Console) -> tuple[Any, str | None]:
+    """(the validation report, None), or (None, why) for a TensorRT engine the suite refuses."""
+    from moetrt.validate import render, validate
+
+    try:
+        with console.status("comparing the engine with the eager model"):
+            report = validate(checkpoint, engine, json_out=json_out)
+    except MoetrtError as err:
+        if backend == "ort":
+            raise
+        console.print(f"[yellow]{err}[/]")
+        return None, str(err)
+    render(report, console)
+    return report, None
+
+
+def _summary(steps: list[Step], startup_s: float) -> Table:
+    table = Table(title="moetrt demo: what each step cost")
+    for column in ("step", "seconds", "artifact", "result"):
+        table.add_column(column, justify="right" if column == "seconds" else "left", overflow="fold")
+    table.add_row("start-up", f"{startup_s:.1f}", "", "Python, torch and moetrt imports", style="dim")
+    for step in steps:
+        table.add_row(step.name, f"{step.seconds:.1f}", str(step.artifact or "-"), step.note)
+    table.add_row("total", f"{startup_s + sum(s.seconds for s in steps):.1f}", "", "", style="bold")
+    return table
