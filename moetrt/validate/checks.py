@@ -397,7 +397,7 @@ def check_kv_cache(errors: dict[str, Error], num_layers: int, positions: int, to
         failed = [errors[kv_cache_name(i, part)] for part in ("k", "v") if not errors[kv_cache_name(i, part)].passed]
         if failed:
             summary = (f"layer {i}: cache contents differ, rel {failed[0].rel:.2g} > {tol.kv_rel:g} over {positions} "
-                       "written positions (check where the backend writes new K/V)")  # fmt: skip
+                       "positions (if the layers check passes: where does the backend write new K/V?)")  # fmt: skip
             return CheckResult("kv_cache", False, summary, tolerance, figures, i)
     worst = max(errors.values(), key=lambda e: e.rel)
     summary = f"{num_layers} layers agree over {positions} written positions (largest rel error {worst.rel:.2g})"
