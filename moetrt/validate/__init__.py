@@ -67,7 +67,7 @@ def validate_engine(
     prompts = load_prompts(checkpoint_dir, model.config, prompts_file, num_random, seed)
     check_fits(prompts, steps, engine.max_seq_len)
     results = run_suite(model, engine, prompts, steps, batch, TOLERANCES[engine.precision])
-    inputs = {"prompts": len(prompts), "from_file": prompts_file is not None and str(prompts_file),
+    inputs = {"prompts": len(prompts), "prompts_file": None if prompts_file is None else str(prompts_file),
               "random": num_random, "batch": batch, "steps": steps, "seed": seed}  # fmt: skip
     return ValidationReport(str(checkpoint_dir), engine.name, engine.precision, inputs, results)
 
