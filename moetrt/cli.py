@@ -196,5 +196,27 @@ def bench(
     )  # fmt: skip
 
 
+@command
+def validate(
+    checkpoint_dir: Annotated[Path, typer.Argument(help="the Hugging Face checkpoint the engine was made from")],
+    engine_dir: Annotated[Path, typer.Argument(help="engine directory written by `moetrt build`")],
+    prompts: Annotated[Path | None, typer.Option(help="a text file, one prompt per line")] = None,
+    num_random: Annotated[int, typer.Option(help="seeded random prompts to add")] = 4,
+    steps: Annotated[int, typer.Option(help="greedy decode steps compared")] = 16,
+    batch: Annotated[int, typer.Option(help="prompts run together")] = 2,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the full report as JSON")] = None,
+) -> None:
+    """Check an engine against the eager reference: logits, per-layer states, routing, greedy tokens, KV cache.
+
+    Exits 0 when every check is within its precision's tolerance, 1 when one is not."""
+    from moetrt.validate import render
+    from moetrt.validate import validate as run_validation
+
+    report = run_validation(checkpoint_dir, engine_dir, prompts, num_random, steps, batch, json_out)
+    render(report, console)
+    if not report.passed:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     app()
