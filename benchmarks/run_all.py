@@ -22,6 +22,7 @@ import functools
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -108,10 +109,11 @@ def write_markdown(path: Path, rows: list[dict], met: list[dict], meta: dict[str
         f"`{meta['preset']}` preset (fp32 seeded checkpoint), prompt {meta['prompt_len']}, {meta['new_tokens']} new "
         f"tokens, {meta['threads']} threads, median of {meta['rounds']} interleaved rounds, each measurement in its "
         f"own process. Machine: {meta['machine']['cpu_count']} CPUs, {meta['machine']['platform']}; read bandwidth "
-        f"{bw['gbs']:.1f} GB/s. Ratios (`x ref`) are to {REFERENCE} at the same batch in the same rounds; the "
-        "machine was shared, so read ratios, not absolute numbers. TTFT = time to first token; `prefill ms` is "
-        "the prefill step alone (moetrt only). `% of bound` = decode / (bandwidth / bytes a decode step reads at "
-        "that stack's precision); batch 4 uses the expected number of distinct experts under uniform routing.",
+        f"{bw['gbs']:.1f} GB/s (median of the rounds). Ratios (`x ref`) are to {REFERENCE} at the same batch in the "
+        "same rounds; the machine was shared, so read ratios, not absolute numbers. TTFT = time to first token; "
+        "`prefill ms` is the prefill step alone (moetrt only). `% of bound` = decode / (bandwidth / bytes a decode "
+        "step reads at that stack's precision); batch 4 uses the expected number of distinct experts under "
+        "uniform routing.",
         "",
         report.markdown(rows),
         "## Goals (batch 1)",
@@ -155,13 +157,15 @@ def main(argv: list[str] | None = None) -> None:
     for name in PEERS:
         if name.startswith("ortgenai"):
             models[name] = ensure_ortgenai_model(args.checkpoint, workdir / "ortgenai", name.split("-")[1], 3600)
-    bandwidth = run_isolated("moetrt.bench.bandwidth:read_bandwidth_gbs", {"threads": args.threads}, args.threads)
-    print(f"read bandwidth {bandwidth['gbs']:.1f} GB/s", flush=True)
-
     backends = [REFERENCE, *MOETRT, *(p for p in PEERS if p != REFERENCE)]
     runs: dict[tuple[str, int], list[dict]] = {(b, n): [] for n in batches for b in backends}
     errors: dict[str, str] = {}
+    bandwidths = []
     for rnd in range(1, args.rounds + 1):
+        # Measured every round too: on a shared machine the bandwidth a process gets drifts like its speed.
+        bandwidths.append(run_isolated("moetrt.bench.bandwidth:read_bandwidth_gbs", {"threads": args.threads},
+                                       args.threads))  # fmt: skip
+        print(f"round {rnd}/{args.rounds} read bandwidth {bandwidths[-1]['gbs']:.1f} GB/s", flush=True)
         for batch in batches:
             for name in backends:
                 key = f"{name} b{batch}"
@@ -177,6 +181,7 @@ def main(argv: list[str] | None = None) -> None:
                 runs[(name, batch)].append(run)
                 print(f"TTFT {run['ttft_ms']:.0f} ms, decode {run['decode_tokens_per_s']:.2f} tok/s", flush=True)
 
+    bandwidth = {"gbs": statistics.median(b["gbs"] for b in bandwidths), "rounds": bandwidths}
     rows = [report.summarize(r) for r in runs.values() if r]
     config = PRESETS[args.preset]
     report.annotate(rows, config, bandwidth["gbs"], REFERENCE, step_bytes=functools.partial(step_bytes, config))

@@ -10,6 +10,7 @@ the machine's load.
 from __future__ import annotations
 
 import os
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ from moetrt.bench.prepare import BACKENDS, parse_backends, prepare
 from moetrt.cachedir import cache_root, preset_checkpoint
 from moetrt.errors import MoetrtError
 from moetrt.model.config import MixtralConfig
+
+BANDWIDTH = "read bandwidth"  # the pseudo-backend of measure_rounds
 
 
 def default_threads() -> int:
@@ -80,19 +83,16 @@ def run_bench(
     for step in steps:
         console.print(f"{step.step}: {'reused' if step.reused else f'{step.seconds:.1f} s'} -> {step.path}")
 
-    with console.status(f"read bandwidth ({threads} threads)"):
-        bandwidth = run_isolated("moetrt.bench.bandwidth:read_bandwidth_gbs", {"threads": threads}, threads)
-    console.print(f"read bandwidth: {bandwidth['gbs']:.1f} GB/s ({threads} threads)")
-
     workload = {"prompt_len": prompt_len, "new_tokens": new_tokens, "batch": batch, "threads": threads}
     runs, errors = measure_rounds(paths, workload, rounds, console)
+    bandwidth_gbs = statistics.median(run["gbs"] for run in runs.pop(BANDWIDTH))
     rows = []
     for name in names:
         if runs[name]:
             row = report.summarize(runs[name])
             rows.append({**row, "precision": BACKENDS[name][1], **workload})
     reference = "eager" if "eager" in runs and runs["eager"] else names[0]
-    report.annotate(rows, config, bandwidth["gbs"], reference)
+    report.annotate(rows, config, bandwidth_gbs, reference)
     title = (f"moetrt bench {checkpoint_dir.name}: prompt {prompt_len}, {new_tokens} new tokens, batch {batch}, "
              f"{threads} threads, median of {rounds} round(s); ratios to {reference}")  # fmt: skip
     # Piped output (logs, CI) gets a fixed width: rich would otherwise squeeze the 12 columns into 80.
@@ -112,19 +112,26 @@ def run_bench(
 def measure_rounds(
     paths: dict[str, Path], workload: dict[str, int], rounds: int, console: Console
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, str]]:
-    """Interleaved rounds of `moetrt.bench.measure.measure`, one process per measurement.
+    """Interleaved rounds of `moetrt.bench.measure.measure`, one process per measurement, each round also
+    measuring the read bandwidth (under `BANDWIDTH`): on a shared machine it drifts like the speeds do.
 
     Returns the runs per backend and, for each backend that failed, the child's error (it is not retried)."""
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in paths}
+    threads = workload["threads"]
+    runs: dict[str, list[dict[str, Any]]] = {BANDWIDTH: [], **{name: [] for name in paths}}
     errors: dict[str, str] = {}
     for rnd in range(1, rounds + 1):
+        with console.status(f"round {rnd}/{rounds}: read bandwidth"):
+            runs[BANDWIDTH].append(
+                run_isolated("moetrt.bench.bandwidth:read_bandwidth_gbs", {"threads": threads}, threads)
+            )
+        console.print(f"round {rnd}/{rounds} read bandwidth: {runs[BANDWIDTH][-1]['gbs']:.1f} GB/s ({threads} threads)")
         for name, path in paths.items():
             if name in errors:
                 continue
             kwargs = {"path": str(path), "backend": name, **workload}
             with console.status(f"round {rnd}/{rounds}: {name}"):
                 try:
-                    run = run_isolated("moetrt.bench.measure:measure", kwargs, workload["threads"])
+                    run = run_isolated("moetrt.bench.measure:measure", kwargs, threads)
                 except RuntimeError as err:
                     errors[name] = str(err)
                     console.print(f"[red]{name}: failed[/red]\n{err}")
