@@ -41,10 +41,15 @@ def timing_fields(t_start: float, token_times: list[float], batch: int) -> dict[
     if n < 2:
         raise ValueError("need at least 2 new tokens to time decode")
     decode_s = token_times[-1] - token_times[0]
+    steps_ms = sorted(1e3 * (b - a) for a, b in zip(token_times[:-1], token_times[1:], strict=True))
     return {
         "prefill_ms": 1e3 * (token_times[0] - t_start),
         "decode_tokens_per_s": batch * (n - 1) / decode_s,
         "decode_ms_per_step": 1e3 * decode_s / (n - 1),
+        # Per-step spread: on a shared machine the fastest steps are the ones nobody else preempted, so
+        # p10 tracks the uncontended speed better than the mean does.
+        "decode_step_ms_p10": steps_ms[(n - 1) // 10],
+        "decode_step_ms_p50": steps_ms[(n - 1) // 2],
     }
 
 

@@ -7,10 +7,11 @@ Backends: hf-eager-dynamic (the default reference: ratios and token agreement ar
 backend listed), hf-eager-static, hf-sdpa-dynamic, hf-sdpa-static, hf-eager-dynamic-loop (transformers'
 per-expert Python loop instead of its default grouped_mm experts), ortgenai-fp32, ortgenai-int8,
 ortgenai-int4; default: hf-eager-dynamic, hf-eager-static and the three ortgenai. A backend that fails
-or times out is reported as such and the others still run. ORT GenAI
-models are built once into --models-dir and reused while the checkpoint is unchanged. With --rounds R
-every backend runs R times, interleaved (round 1: all backends, round 2: all backends, ...), and the
-median is reported: on a shared machine absolute numbers drift, and interleaving spreads the drift.
+or times out is reported as such and the others still run. ORT GenAI models are built once into
+--models-dir and reused while the checkpoint is unchanged. With --rounds R every backend runs R times,
+interleaved (round 1: all backends, round 2: all backends, ...), and the median is reported: on a
+shared machine absolute numbers drift, and interleaving spreads the drift. "x ref p10 step" compares
+the 10th-percentile decode step times, the steps least disturbed by other processes.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def prefix_match(tokens: list[list[int]], ref: list[list[int]]) -> int:
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One result per backend: the medians of its rounds' timings (the first round's other fields)."""
     out = dict(runs[0])
-    for key in ("prefill_ms", "decode_tokens_per_s", "decode_ms_per_step", "peak_rss_bytes"):
+    for key in ("prefill_ms", "decode_tokens_per_s", "decode_ms_per_step", "decode_step_ms_p10", "peak_rss_bytes"):
         out[key] = statistics.median(r[key] for r in runs)
     out["rounds"] = [{k: r[k] for k in ("prefill_ms", "decode_tokens_per_s", "loadavg_1m")} for r in runs]
     out["tokens_identical_across_rounds"] = all(r["token_ids"] == runs[0]["token_ids"] for r in runs)
@@ -113,7 +114,8 @@ def print_table(results: list[dict[str, Any]], membw: dict[str, Any] | None, arg
         f"batch {args.batch}, {args.threads} threads"
     )
     table = Table(title=title)
-    cols = ("backend", "prefill ms", "decode tok/s", "x ref decode", "x ref prefill", "% bw bound", "peak RSS GiB")
+    cols = ("backend", "prefill ms", "decode tok/s", "x ref decode", "x ref prefill", "% bw bound", "x ref p10 step")
+    cols = (*cols, "peak RSS GiB")
     for col in (*cols, "tokens = ref"):
         table.add_column(col, justify="left" if col == "backend" else "right", no_wrap=True)
     for r in results:
@@ -125,6 +127,7 @@ def print_table(results: list[dict[str, Any]], membw: dict[str, Any] | None, arg
             f"{r['decode_speedup_vs_ref']:.2f}",
             f"{r['prefill_speedup_vs_ref']:.2f}",
             f"{100 * r['decode_tokens_per_s'] / bound:.0f}" if bound else "-",
+            f"{r['p10_step_speedup_vs_ref']:.2f}",
             f"{r['peak_rss_bytes'] / 2**30:.2f}",
             f"{r['tokens_match_ref']}/{args.new_tokens}",
         )
@@ -215,6 +218,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for r in results:
         r["decode_speedup_vs_ref"] = r["decode_tokens_per_s"] / ref["decode_tokens_per_s"]
         r["prefill_speedup_vs_ref"] = ref["prefill_ms"] / r["prefill_ms"]
+        r["p10_step_speedup_vs_ref"] = ref["decode_step_ms_p10"] / r["decode_step_ms_p10"]
         r["tokens_match_ref"] = prefix_match(r["token_ids"], ref["token_ids"])
         if membw and args.batch == 1:
             r["bw_bound_tokens_per_s"] = membw["bound_tokens_per_s"][r["precision"]]
