@@ -9,8 +9,8 @@ with it; everything else (attention as GroupQueryAttention, RMSNorm fusion, MatM
 genai_config.json) is the builder's own code, so the peer is what an ORT GenAI user would get.
 
 Precisions: fp32 (MoE), int8 (MatMulNBits 8-bit + QMoE int8), int4 (MatMulNBits 4-bit + QMoE int4,
-then `accuracy_level=4` set on the QMoE nodes: the builder omits it, and without it the int4 QMoE CPU
-kernel dequantizes to fp32 and is ~3x slower). The router MatMul stays fp32 in every precision (a
+then `accuracy_level=4` set on the QMoE nodes: the builder omits it, and without it int4 decode was
+3.0x slower on the mid preset). The router MatMul stays fp32 in every precision (a
 quantized router flips expert choices; llama.cpp keeps it f32 too).
 """
 
