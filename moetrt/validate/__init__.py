@@ -11,10 +11,9 @@ engine's graph runner), `checks` (one function per check), `tolerances` (the one
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
+from moetrt.artifacts import MANIFEST, read_manifest
 from moetrt.errors import MoetrtError
 from moetrt.model.checkpoint import load_model
 from moetrt.model.config import MixtralConfig
@@ -74,7 +73,7 @@ def validate_engine(
 
 def open_engine(engine_dir: Path, config: MixtralConfig) -> EngineUnderTest:
     """Open an engine directory for validation, refusing one built from a model other than `config`'s."""
-    manifest = _engine_manifest(engine_dir)
+    manifest = read_manifest(engine_dir, "engine")
     built_for = MixtralConfig.from_dict(manifest["config"])
     if built_for != config:
         field = next(k for k, v in built_for.to_dict().items() if config.to_dict().get(k) != v)
@@ -87,18 +86,5 @@ def open_engine(engine_dir: Path, config: MixtralConfig) -> EngineUnderTest:
 
         return open_ort_engine(engine_dir, read_engine_manifest(engine_dir))
     raise MoetrtError(
-        f"{engine_dir / 'moetrt.json'}: backend {manifest.get('backend')!r}; validate runs ONNX Runtime engines ('ort')"
+        f"{engine_dir / MANIFEST}: backend {manifest.get('backend')!r}; validate runs ONNX Runtime engines ('ort')"
     )
-
-
-def _engine_manifest(engine_dir: Path) -> dict[str, Any]:
-    path = engine_dir / "moetrt.json"
-    if not path.is_file():
-        raise MoetrtError(f"{path}: not found; expected an engine directory (`moetrt build`)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise MoetrtError(f"{path}: malformed JSON ({err})") from None
-    if not isinstance(manifest, dict) or manifest.get("kind") != "engine" or "config" not in manifest:
-        raise MoetrtError(f"{path}: not an engine manifest (expected kind 'engine' with a 'config')")
-    return manifest
