@@ -113,14 +113,14 @@ def bound_tokens_per_s(bandwidth_gbs: float, bytes_per_step: float, batch: int =
 
 
 # Effective bytes per weight incl. block-32 fp32 scales.
-BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "int8": 1 + 4 / 32, "int4": 0.5 + 4 / 32}
+BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1 + 4 / 32, "int4": 0.5 + 4 / 32}
 
 
 def engine_bytes_per_token(config: Any, precision: str, batch: int = 1, context_len: int = 0) -> dict[str, float]:
-    """`decode_bytes_per_token` for a moetrt engine of `precision`: eager and fp32 engines read fp32 weights,
-    TensorRT fp16 reads fp16, and int8 / int4 engines quantize only the experts (QMoE), so attention, the
+    """`decode_bytes_per_token` for a moetrt engine (or the eager model) of `precision`: fp32 / fp16 / bf16
+    read every weight at that width; int8 / int4 engines quantize only the experts (QMoE), so attention, the
     router and lm_head stay fp32 (moetrt/engines/ort_lowering.py)."""
-    dense = BYTES_PER_PARAM["fp16" if precision == "fp16" else "fp32"]
+    dense = BYTES_PER_PARAM[precision if precision in ("fp16", "bf16") else "fp32"]
     return decode_bytes_per_token(
         config, dense, context_len=context_len, expert_bytes_per_param=BYTES_PER_PARAM[precision], batch=batch
     )

@@ -24,7 +24,7 @@ from moetrt.artifacts import artifact_hash, read_manifest
 from moetrt.errors import MoetrtError
 from moetrt.model.checkpoint import checkpoint_hash
 
-# backend -> (engine kind, precision); "eager" runs the checkpoint.
+# backend -> (engine kind, precision); "eager" runs the checkpoint in its own dtype (fp32 for the presets).
 BACKENDS: dict[str, tuple[str, str]] = {
     "eager": ("eager", "fp32"),
     "ort-fp32": ("ort", "fp32"),

@@ -24,6 +24,7 @@ from moetrt.errors import MoetrtError
 from moetrt.model.config import MixtralConfig
 
 BANDWIDTH = "read bandwidth"  # the pseudo-backend of measure_rounds
+EAGER_PRECISION = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}  # eager runs the checkpoint's dtype
 
 
 def default_threads() -> int:
@@ -90,7 +91,8 @@ def run_bench(
     for name in names:
         if runs[name]:
             row = report.summarize(runs[name])
-            rows.append({**row, "precision": BACKENDS[name][1], **workload})
+            precision = EAGER_PRECISION[config.dtype] if name == "eager" else BACKENDS[name][1]
+            rows.append({**row, "precision": precision, **workload})
     reference = "eager" if "eager" in runs and runs["eager"] else names[0]
     report.annotate(rows, config, bandwidth_gbs, reference)
     title = (f"moetrt bench {checkpoint_dir.name}: prompt {prompt_len}, {new_tokens} new tokens, batch {batch}, "
