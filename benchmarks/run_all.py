@@ -179,6 +179,8 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"FAILED\n{err}", flush=True)
                     continue
                 runs[(name, batch)].append(run)
+                with open(workdir / "runs.jsonl", "a") as log:  # the raw runs survive a crash in the summary
+                    log.write(json.dumps({"round": rnd, **run}) + "\n")
                 print(f"TTFT {run['ttft_ms']:.0f} ms, decode {run['decode_tokens_per_s']:.2f} tok/s", flush=True)
 
     bandwidth = {"gbs": statistics.median(b["gbs"] for b in bandwidths), "rounds": bandwidths}

@@ -29,10 +29,12 @@ TIMINGS = ("prefill_ms", "ttft_ms", "decode_tokens_per_s", "decode_ms_per_step",
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """One row from a backend's rounds: the median of each timing, the first round's tokens."""
+    """One row from a backend's rounds: the median of each timing (None where a stack does not report it),
+    the first round's tokens."""
     row = dict(runs[0])
     for key in TIMINGS:
-        row[key] = statistics.median(run[key] for run in runs)
+        values = [run[key] for run in runs if run.get(key) is not None]
+        row[key] = statistics.median(values) if values else None
     gpu = [run["gpu_mem_bytes"] for run in runs if run.get("gpu_mem_bytes") is not None]
     row["gpu_mem_bytes"] = max(gpu) if gpu else None
     row["rounds"] = len(runs)
