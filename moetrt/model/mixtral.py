@@ -74,8 +74,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        # x / sqrt(...) rather than HF's x * rsqrt(...) (equal to an ulp): the exported Pow-ReduceMean-Add-Sqrt-Div-Mul
+        # chain is the pattern ONNX Runtime fuses into one SimplifiedLayerNormalization; Reciprocal-Mul is not.
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        xf = xf / torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
 
