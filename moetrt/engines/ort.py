@@ -3,6 +3,7 @@
     export dir (model.onnx, model.onnx.data, moetrt.json)
       -> every moetrt::TopKMoE lowered to a router MatMul + com.microsoft::MoE / QMoE (ort_lowering.py)
       -> weight Transposes folded into transposed initializers (ort_fold.py)
+      -> int8 / int4: the attention and lm_head MatMuls as MatMulNBits (ort_linear.py)
       -> engine dir (model.onnx, model.onnx.data, moetrt.json with kind "engine", backend "ort")
 
 The export's weights are memory-mapped and the engine's are written tensor by tensor (new MoE weights are
@@ -12,6 +13,7 @@ The directory appears atomically: a failed build leaves no engine behind.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,8 @@ import onnx_ir as ir
 
 from moetrt.artifacts import MANIFEST, artifact_hash, carry_tokenizer, manifest_config, read_manifest, write_manifest
 from moetrt.engines.ort_fold import fold_weight_transposes
-from moetrt.engines.ort_lowering import PRECISIONS, lower_topk_moe, router_logits
+from moetrt.engines.ort_linear import quantize_linear_weights
+from moetrt.engines.ort_lowering import PRECISIONS, lower_topk_moe, moe_slices, router_logits, router_matmul
 from moetrt.errors import MoetrtError
 from moetrt.fsutil import atomic_dir
 from moetrt.runtime.ort_session import providers
@@ -39,8 +42,9 @@ def build_ort_engine(
     """Lower the export in `export_dir` for ONNX Runtime and write the engine directory `output_dir`.
 
     precision: "fp32": experts unquantized in the export's float dtype (com.microsoft::MoE); "int8" / "int4":
-        QMoE with block-32 weights (the router MatMul stays unquantized).
-    threads: intra-op threads the engine is served with (None: ORT's default).
+        QMoE experts and MatMulNBits attention / lm_head, block-32 weights (routers and embeddings stay float).
+    threads: intra-op threads the engine is served with (None: ORT's default); fp32 experts are sliced for
+        that many threads (ort_lowering.moe_slices; None: one slice per CPU).
     device: "cpu" or "cuda" (needs onnxruntime-gpu; the same graph).
     Returns the engine directory.
     """
@@ -59,11 +63,13 @@ def build_ort_engine(
     if not export_manifest.get("weights", True):
         raise MoetrtError(f"{export_dir}: a graph-only export (no weights); re-export with weights to build an engine")
     model = _load_graph(export_dir / MODEL_FILE)
-    layers = lower_topk_moe(model, precision)
+    spec = PRECISIONS[precision]
+    slices = moe_slices(threads or os.cpu_count() or 1, config.intermediate_size) if spec is None else 1
+    layers = lower_topk_moe(model, precision, slices)
     if not layers:
         raise MoetrtError(f"{export_dir / MODEL_FILE}: no moetrt::TopKMoE node; expected a graph from `moetrt export`")
     fold_weight_transposes(model)
-    spec = PRECISIONS[precision]
+    quantized = [] if spec is None else quantize_linear_weights(model, spec, keep={router_matmul(p) for p in layers})
     with atomic_dir(output_dir) as tmp:
         _save(model, tmp / MODEL_FILE, progress)
         io = dict(export_manifest["io"])
@@ -74,11 +80,12 @@ def build_ort_engine(
         body = {
             "backend": "ort",
             "precision": precision,
-            "quantization": None if spec is None else vars(spec),
+            "quantization": None if spec is None else {**vars(spec), "matmuls": quantized},
             "threads": threads,
             "device": device,
             "onnxruntime_version": _ort_version(),
             "moe_layers": layers,
+            "moe_slices": slices,
             "config": export_manifest["config"],
             "dtype": export_manifest["dtype"],
             "max_seq_len": export_manifest["max_seq_len"],
