@@ -12,15 +12,18 @@ H 256, F 512, 4 layers, 8 experts top-2, vocab 2048, std 0.08). Largest value ov
     fp32 ORT  3.9e-6  1.0    1.0    1.0e-5  8.0e-7   (no flips)   none                       <1e-5
     fp16 ORT  7.6e-3  0.991  0.991  7.1e-3  8.2e-4   2.0e-3       steps 2-22, margins <=5e-3  5.6e-3
     bf16 (1)  2.3e-2  0.970  0.970  2.6e-2  5.5e-3   6.3e-3       steps 0-30, margins <=0.155 1.5e-2
-    int8 ORT  5.4e-2  0.935  0.939  6.3e-2  1.7e-2   7.4e-3       steps 1-29                  5.6e-2
-    int4 ORT  0.49    0.375  0.600  0.69    0.21     0.31 (40%)   steps 0-4                   0.43
+    int8 ORT  0.137   0.904  0.928  0.135   1.9e-2   3.0e-2       from step 0                 7.9e-2
+    int4 ORT  1.11    0.381  0.444  1.02    0.18     0.45 (16%)   from step 0                 0.95
 (1) no bf16 engine runs here (ONNX Runtime CPU has no bf16 MoE): two correct eager implementations in bf16
     that differ only in summing the expert outputs in bf16 (transformers) or fp32 (moetrt) - the noise
     floor any bf16 engine must be allowed (it reached 0.039 in logits on a larger model; 0.137 here).
-The tolerances sit 2-3x above those maxima. Random weights amplify quantization error through the layers
-far more than trained ones, so int8/int4 tolerances are loose: for them the `moe` (one block on the
-engine's own input) and `routing` checks are the sharp ones. Re-measure on the real model before relying on
-the quantized rows.
+The int8/int4 rows are for engines whose attention and lm_head are quantized too (MatMulNBits with int8
+activations, moetrt/engines/ort_linear.py), measured by `python benchmarks/measure_tolerances.py` over
+"tiny3", "small" and the engine tests' top-1-of-8 "e8k1"; tiny3 dominates int8 (small: logits 0.062,
+state 0.084; e8k1: 0.038, 0.044). The tolerances sit 2-3x above those maxima. Random weights amplify
+quantization error through the layers far more than trained ones, so int8/int4 tolerances are loose: for
+them the `moe` (one block on the engine's own input) and `routing` checks are the sharp ones. Re-measure on
+the real model before relying on the quantized rows.
 """
 
 from __future__ import annotations
@@ -47,6 +50,6 @@ TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance(1e-4, 0.99, 0.99, 1e-4, 1e-4, 1e-4, 0.0, 2e-4, 1.0, 1e-4),
     "fp16": Tolerance(0.02, 0.97, 0.97, 0.02, 3e-3, 0.01, 0.0, 0.04, 0.25, 0.02),
     "bf16": Tolerance(0.06, 0.93, 0.93, 0.06, 0.015, 0.02, 0.0, 0.12, 0.1, 0.06),
-    "int8": Tolerance(0.15, 0.85, 0.85, 0.15, 0.04, 0.02, 0.0, 0.3, 0.0, 0.15),
-    "int4": Tolerance(1.0, 0.25, 0.4, 1.0, 0.4, 0.05, 0.5, 2.0, 0.0, 1.0),
+    "int8": Tolerance(0.35, 0.8, 0.85, 0.35, 0.04, 0.06, 0.0, 0.3, 0.0, 0.2),
+    "int4": Tolerance(2.5, 0.2, 0.3, 2.5, 0.4, 0.05, 0.5, 2.0, 0.0, 2.0),
 }  # fmt: skip
