@@ -18,7 +18,6 @@ child processes too, so this process stays small and cannot inflate any child's 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import platform
@@ -34,9 +33,8 @@ sys.path.insert(0, str(REPO_ROOT))  # `python benchmarks/run_all.py` from anywhe
 from benchmarks.peers.common import run_isolated  # noqa: E402
 from benchmarks.peers.run_peers import backend_call, ensure_ortgenai_model  # noqa: E402
 from moetrt.bench import report  # noqa: E402
-from moetrt.bench.bandwidth import BYTES_PER_PARAM, decode_bytes_per_token, engine_bytes_per_token  # noqa: E402
 from moetrt.bench.prepare import BACKENDS as MOETRT_PRECISIONS  # noqa: E402
-from moetrt.model.config import PRESETS, MixtralConfig  # noqa: E402
+from moetrt.model.config import PRESETS  # noqa: E402
 
 REFERENCE = "hf-eager-dynamic"
 MOETRT = ("eager", "ort-fp32", "ort-int8", "ort-int4")
@@ -71,15 +69,6 @@ def measure(name: str, batch: int, args: argparse.Namespace, paths: dict[str, st
     # The peers time from the call to the first token on the host: moetrt's TTFT. They have no prefill-step-only
     # figure, and run on the CPU.
     return {**run, "backend": name, "ttft_ms": run["prefill_ms"], "prefill_ms": None, "gpu_mem_bytes": None, **workload}
-
-
-def step_bytes(config: MixtralConfig, row: dict[str, Any]) -> float:
-    """Bytes a decode step reads for this row's stack: moetrt quantizes only the experts; ORT GenAI's builder
-    quantizes every MatMul but the router (MatMulNBits + QMoE); HF reads fp32."""
-    if row["backend"].startswith("ortgenai"):
-        bpp = BYTES_PER_PARAM[row["precision"]]
-        return decode_bytes_per_token(config, bpp, 4.0, row["prompt_len"], batch=row["batch"])["total"]
-    return engine_bytes_per_token(config, row["precision"], row["batch"], row["prompt_len"])["total"]
 
 
 def goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -186,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     bandwidth = {"gbs": statistics.median(b["gbs"] for b in bandwidths), "rounds": bandwidths}
     rows = [report.summarize(r) for r in runs.values() if r]
     config = PRESETS[args.preset]
-    report.annotate(rows, config, bandwidth["gbs"], REFERENCE, step_bytes=functools.partial(step_bytes, config))
+    report.annotate(rows, config, bandwidth["gbs"], REFERENCE)
     met = goals(rows)
     meta = {
         "command": "python benchmarks/run_all.py " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -117,10 +117,8 @@ BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1 + 4 / 32, "i
 
 
 def engine_bytes_per_token(config: Any, precision: str, batch: int = 1, context_len: int = 0) -> dict[str, float]:
-    """`decode_bytes_per_token` for a moetrt engine (or the eager model) of `precision`: fp32 / fp16 / bf16
-    read every weight at that width; int8 / int4 engines quantize only the experts (QMoE), so attention, the
-    router and lm_head stay fp32 (moetrt/engines/ort_lowering.py)."""
-    dense = BYTES_PER_PARAM[precision if precision in ("fp16", "bf16") else "fp32"]
-    return decode_bytes_per_token(
-        config, dense, context_len=context_len, expert_bytes_per_param=BYTES_PER_PARAM[precision], batch=batch
-    )
+    """`decode_bytes_per_token` for a moetrt engine (or the eager model) of `precision`: every weight at that
+    width, except that int8 / int4 engines keep the routers float32 (QMoE experts and MatMulNBits attention
+    and lm_head: moetrt/engines/ort_lowering.py, ort_linear.py). ORT GenAI's builder quantizes the same set."""
+    router = BYTES_PER_PARAM["fp32"] if precision in ("int8", "int4") else None
+    return decode_bytes_per_token(config, BYTES_PER_PARAM[precision], router, context_len=context_len, batch=batch)

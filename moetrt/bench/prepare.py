@@ -2,8 +2,8 @@
 
     eager      the checkpoint itself (moetrt's eager reference, `EagerBackend`)
     ort-fp32   ONNX Runtime, com.microsoft::MoE          (fp32 export)
-    ort-int8   ONNX Runtime, QMoE block-32 int8 experts  (fp32 export)
-    ort-int4   ONNX Runtime, QMoE block-32 int4 experts  (fp32 export)
+    ort-int8   ONNX Runtime, block-32 int8 experts (QMoE), attention and lm_head (MatMulNBits)
+    ort-int4   ONNX Runtime, the same in block-32 int4
     trt        TensorRT fp16 (fp16 export; needs tensorrt and a CUDA GPU)
 
 Everything goes into `workdir` (export-float32/, engine-ort-fp32/, ...). With `reuse`, an artifact already

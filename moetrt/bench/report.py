@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import statistics
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,17 +46,14 @@ def annotate(
     config: Any,
     bandwidth_gbs: float | None,
     reference: str,
-    step_bytes: Callable[[dict[str, Any]], float] | None = None,
 ) -> None:
-    """Add the ratios to `reference` (a backend name; same batch) and the bandwidth bound to each row.
+    """Add the ratios to `reference` (a backend name; same batch) and the bandwidth bound to each row: the
+    bytes a moetrt engine of the row's precision reads per decode step (ORT GenAI quantizes the same weights;
+    HF and eager read fp32 or the checkpoint's dtype)."""
 
-    step_bytes(row): bytes one decode step of that row reads; default: a moetrt engine of the row's precision
-    (benchmarks/run_all.py passes the peers' layouts)."""
-
-    def engine_step_bytes(row: dict[str, Any]) -> float:
+    def step_bytes(row: dict[str, Any]) -> float:
         return engine_bytes_per_token(config, row["precision"], row["batch"], row["prompt_len"])["total"]
 
-    step_bytes = step_bytes or engine_step_bytes
     refs = {row["batch"]: row for row in rows if row["backend"] == reference}
     for row in rows:
         ref = refs.get(row["batch"])
