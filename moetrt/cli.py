@@ -112,7 +112,9 @@ def build(
     output: Annotated[Path, typer.Option("--output", "-o", help="engine directory to write")],
     backend: Annotated[str, typer.Option(help="ort | trt")] = "ort",
     precision: Annotated[str | None, typer.Option(help="ort: fp32 | int8 | int4; trt: fp16 | bf16")] = None,
-    threads: Annotated[int | None, typer.Option(help="ort: intra-op threads")] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="ort: serving threads; fp32 experts are sliced for them (default: all CPUs)")
+    ] = None,
     device: Annotated[str, typer.Option(help="ort: cpu | cuda (needs onnxruntime-gpu)")] = "cpu",
 ) -> None:
     """Build an ONNX Runtime or TensorRT engine from an export."""
