@@ -99,9 +99,9 @@ def write_markdown(path: Path, rows: list[dict], met: list[dict], meta: dict[str
         f"tokens, {meta['threads']} threads, median of {meta['rounds']} interleaved rounds, each measurement in its "
         f"own process. Machine: {meta['machine']['cpu_count']} CPUs, {meta['machine']['platform']}; read bandwidth "
         f"{bw['gbs']:.1f} GB/s (median of the rounds). Ratios (`x ref`) are to {REFERENCE} at the same batch in the "
-        "same rounds; absolute numbers drift between rounds and runs (a VM), so read ratios. TTFT = time to first token; "
-        "`prefill ms` is the prefill step alone (moetrt only). `% of bound` = decode / (bandwidth / bytes a decode "
-        "step reads at that stack's precision); batch 4 uses the expected number of distinct experts under "
+        "same rounds; absolute numbers drift between rounds and runs (a VM), so read ratios. TTFT = time to first "
+        "token; `prefill ms` is the prefill step alone (moetrt only). `% of bound` = decode / (bandwidth / bytes a "
+        "decode step reads at that stack's precision); batch 4 uses the expected number of distinct experts under "
         "uniform routing.",
         "",
         report.markdown(rows),
