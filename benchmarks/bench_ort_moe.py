@@ -1,4 +1,4 @@
-"""Benchmark one lowered MoE layer on ONNX Runtime's CPU kernels: fp32 MoE vs QMoE int8 / int4.
+"""Benchmark one lowered MoE layer on ONNX Runtime's CPU kernels: fp32 MoE (whole and sliced) vs QMoE int8 / int4.
 
     python benchmarks/bench_ort_moe.py [--tokens 1 128] [--threads 2] [--rounds 5] [--json PATH]
 
@@ -7,7 +7,8 @@ precision is one TopKMoE node lowered by `moetrt.engines.ort_lowering` (router M
 block 32, accuracy_level 4) in a session from `moetrt.runtime.ort_session.session_options`, i.e. exactly
 what an engine runs. Eager `sparse_moe` (torch, same thread count) is the reference for accuracy and a
 baseline for time. Variants are timed in interleaved rounds and medians reported, because a shared
-machine's speed drifts by several x; compare the ratios, not the absolute numbers, across runs.
+machine's speed drifts by several x; compare the ratios, not the absolute numbers, across runs. `fp32-sliced`
+is what an fp32 engine runs: every expert cut into one slice per thread (ort_lowering.moe_slices).
 
 `expert_gbs` (decode only) = bytes of the k experts one token reads in that precision / time: how close
 the kernel gets to memory bandwidth.
@@ -16,6 +17,7 @@ the kernel gets to memory bandwidth.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -27,7 +29,7 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from moetrt.engines.ort_lowering import PRECISIONS, lower_topk_moe
+from moetrt.engines.ort_lowering import PRECISIONS, lower_topk_moe, moe_slices
 from moetrt.model.mixtral import sparse_moe
 from moetrt.plugins import contract
 from moetrt.runtime.ort_session import session_options
@@ -46,8 +48,10 @@ def weights(h: int, f: int, e: int, seed: int = 0) -> dict[str, np.ndarray]:
     return {name: a.astype(np.float32) for name, a in arrays.items()}
 
 
-def session(w: dict[str, np.ndarray], top_k: int, precision: str, threads: int) -> ort.InferenceSession:
-    """The lowered single-layer graph for `precision` in an engine's session options."""
+def session(
+    w: dict[str, np.ndarray], top_k: int, precision: str, threads: int, slices: int = 1
+) -> ort.InferenceSession:
+    """The lowered single-layer graph for `precision` (fp32: and `slices`) in an engine's session options."""
     h = w["router"].shape[1]
     node = helper.make_node(
         contract.OP_TYPE,
@@ -65,7 +69,7 @@ def session(w: dict[str, np.ndarray], top_k: int, precision: str, threads: int) 
     )
     opsets = [helper.make_opsetid("", 20), helper.make_opsetid(contract.DOMAIN, 1)]
     model = ir.from_proto(helper.make_model(graph, opset_imports=opsets))
-    lower_topk_moe(model, precision)
+    lower_topk_moe(model, precision, slices)
     return ort.InferenceSession(ir.to_proto(model).SerializeToString(), session_options(threads))
 
 
@@ -88,14 +92,17 @@ def run(tokens: list[int], h: int, f: int, e: int, k: int, threads: int, rounds:
     torch.set_num_threads(threads)
     w = weights(h, f, e)
     sessions = {p: session(w, k, p, threads) for p in PRECISIONS}
+    sessions["fp32-sliced"] = session(w, k, "fp32", threads, moe_slices(threads, f))
     tw = [torch.from_numpy(w[n]) for n in ("router", "w1", "w3", "w2")]
     rng = np.random.default_rng(1)
     rows = []
     for t in tokens:
-        x = rng.standard_normal((t, h)).astype(np.float32)
+        # 16 inputs taken in turn: which experts a token picks decides how ORT's threads share the work
+        inputs = itertools.cycle([rng.standard_normal((t, h)).astype(np.float32) for _ in range(16)])
+        x = next(inputs)
         ref = sparse_moe(torch.from_numpy(x), *tw, k).numpy()
-        fns = {p: (lambda s=s, x=x: s.run(None, {INPUT: x})) for p, s in sessions.items()}
-        fns["eager"] = lambda x=x: sparse_moe(torch.from_numpy(x), *tw, k)
+        fns = {p: (lambda s=s, xs=inputs: s.run(None, {INPUT: next(xs)})) for p, s in sessions.items()}
+        fns["eager"] = lambda xs=inputs: sparse_moe(torch.from_numpy(next(xs)), *tw, k)
         iters = max(1, 64 // t)
         for fn in fns.values():  # warm-up (prepacking, allocator)
             time_once(fn, 2)
@@ -106,7 +113,7 @@ def run(tokens: list[int], h: int, f: int, e: int, k: int, threads: int, rounds:
         fp32_ms = statistics.median(samples["fp32"])
         for name, times in samples.items():
             ms = statistics.median(times)
-            out = fns[name]()
+            out = sessions[name].run(None, {INPUT: x}) if name in sessions else sparse_moe(torch.from_numpy(x), *tw, k)
             y = out.numpy() if isinstance(out, torch.Tensor) else out[0]
             row = {
                 "variant": name,
@@ -116,7 +123,7 @@ def run(tokens: list[int], h: int, f: int, e: int, k: int, threads: int, rounds:
                 "rel_rms_err": float(np.sqrt(((y - ref) ** 2).mean() / (ref**2).mean())),
             }
             if t == 1:
-                per_expert = expert_bytes("fp32" if name == "eager" else name, h, f)
+                per_expert = expert_bytes("fp32" if name in ("eager", "fp32-sliced") else name, h, f)
                 row["expert_gbs"] = k * per_expert / ms / 1e6
             rows.append(row)
     return {
