@@ -19,6 +19,8 @@ import dataclasses
 import itertools
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -404,6 +406,21 @@ def test_quantized_engines_within_measured_tolerance(exported, engines, precisio
 
 def backend_layers(engine: Path) -> int:
     return json.loads((engine / MANIFEST).read_text())["config"]["num_hidden_layers"]
+
+
+def test_an_ort_engine_is_served_without_torch(exported, engines):
+    """Open an engine and generate in a fresh process: torch is never imported (~200 MB of RSS, ~3 s)."""
+    if exported.variant != "tiny":
+        pytest.skip("one variant is enough")
+    code = (
+        "import sys\n"
+        "from moetrt.runtime.engine import load_backend\n"
+        "from moetrt.runtime.generate import generate\n"
+        "generate(load_backend(sys.argv[1]), [[3, 4, 5]], 2, stop_token_ids=())\n"
+        "sys.exit('torch was imported' if 'torch' in sys.modules else 0)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(engines("fp32"))], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_load_errors_name_the_file(exported, engines, tmp_path):

@@ -35,11 +35,13 @@ def measure(
 
     The warmup is a generation on the same prompt with min(warmup_tokens, new_tokens) tokens: a full-length
     prefill and some decode steps, which fault in the weights and start thread pools and allocators."""
-    import torch
+    torch = None
+    if backend in ("eager", "trt"):  # an ORT engine runs without torch in the process (its peak RSS too)
+        import torch
 
-    if threads is not None:
-        torch.set_num_threads(threads)  # the eager model; ORT engines carry their thread count
-    gpu = backend == "trt" and torch.cuda.is_available()
+        if threads is not None:
+            torch.set_num_threads(threads)  # the eager model; ORT engines carry their thread count
+    gpu = torch is not None and backend == "trt" and torch.cuda.is_available()
     free_before = torch.cuda.mem_get_info()[0] if gpu else 0
     t0 = time.perf_counter()
     options = {"max_seq_len": prompt_len + new_tokens} if backend == "eager" else {}
