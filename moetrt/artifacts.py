@@ -92,6 +92,17 @@ def manifest_config(manifest: dict[str, Any]) -> MixtralConfig:
     return MixtralConfig.from_dict(manifest["config"])
 
 
+def check_output_dir(output_dir: Path, source_dir: Path, source: str) -> None:
+    """Refuse to replace anything but an earlier artifact (the atomic rename would delete what is there) or
+    to write into the `source` directory the artifact is made from."""
+    if output_dir.resolve() == source_dir.resolve():
+        raise MoetrtError(f"{output_dir}: the output directory must differ from the {source} directory")
+    if output_dir.exists() and not (
+        output_dir.is_dir() and (not any(output_dir.iterdir()) or (output_dir / MANIFEST).is_file())
+    ):
+        raise MoetrtError(f"{output_dir}: exists and is not a moetrt artifact; choose another output directory")
+
+
 def artifact_hash(directory: str | Path) -> str:
     """sha256 of an artifact's manifest: the `parent` a child artifact records."""
     return hashlib.sha256((Path(directory) / MANIFEST).read_bytes()).hexdigest()

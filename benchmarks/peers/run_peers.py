@@ -28,6 +28,7 @@ from typing import Any
 
 from benchmarks.peers.common import run_isolated
 from moetrt.bench import bandwidth
+from moetrt.bench.report import prefix_match
 
 HF_BACKENDS: dict[str, dict[str, Any]] = {
     "hf-eager-dynamic": {"attn": "eager", "cache": "dynamic"},
@@ -82,17 +83,6 @@ def backend_call(name: str, args: argparse.Namespace, models: dict[str, Path]) -
     if name in HF_BACKENDS:
         return "benchmarks.peers.hf:bench_hf", {"checkpoint_dir": str(args.checkpoint), **HF_BACKENDS[name], **common}
     return "benchmarks.peers.ortgenai:bench_ortgenai", {"model_dir": str(models[name]), **common}
-
-
-def prefix_match(tokens: list[list[int]], ref: list[list[int]]) -> int:
-    """Smallest (over rows) length of the common prefix of a backend's tokens and the reference's."""
-    lengths = []
-    for row, ref_row in zip(tokens, ref, strict=True):
-        n = 0
-        while n < min(len(row), len(ref_row)) and row[n] == ref_row[n]:
-            n += 1
-        lengths.append(n)
-    return min(lengths)
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -19,7 +19,14 @@ from typing import Any
 
 import onnx_ir as ir
 
-from moetrt.artifacts import MANIFEST, artifact_hash, carry_tokenizer, manifest_config, read_manifest, write_manifest
+from moetrt.artifacts import (
+    artifact_hash,
+    carry_tokenizer,
+    check_output_dir,
+    manifest_config,
+    read_manifest,
+    write_manifest,
+)
 from moetrt.engines.ort_fold import fold_weight_transposes
 from moetrt.engines.ort_linear import quantize_linear_weights
 from moetrt.engines.ort_lowering import PRECISIONS, lower_topk_moe, moe_slices, router_logits, router_matmul
@@ -52,7 +59,7 @@ def build_ort_engine(
     if precision not in PRECISIONS:
         raise MoetrtError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     providers(device)  # refuse a device this onnxruntime cannot serve before doing any work
-    _check_output_dir(output_dir, export_dir)
+    check_output_dir(output_dir, export_dir, "export")
     export_manifest = read_manifest(export_dir, "export")
     config = manifest_config(export_manifest)
     if device == "cpu" and export_manifest["dtype"] == "bfloat16":
@@ -96,16 +103,6 @@ def build_ort_engine(
         write_manifest(tmp, "engine", body)
         carry_tokenizer(export_dir, tmp)
     return output_dir
-
-
-def _check_output_dir(output_dir: Path, export_dir: Path) -> None:
-    """Refuse to replace anything but an earlier artifact: the atomic rename deletes what was there."""
-    if output_dir.resolve() == export_dir.resolve():
-        raise MoetrtError(f"{output_dir}: the engine directory must differ from the export directory")
-    if output_dir.exists() and not (
-        output_dir.is_dir() and (not any(output_dir.iterdir()) or (output_dir / MANIFEST).is_file())
-    ):
-        raise MoetrtError(f"{output_dir}: exists and is not a moetrt artifact; choose another output directory")
 
 
 def _load_graph(path: Path) -> ir.Model:

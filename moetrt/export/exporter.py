@@ -21,7 +21,7 @@ import onnx_ir as ir
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 
-from moetrt.artifacts import MANIFEST, carry_tokenizer, write_manifest
+from moetrt.artifacts import carry_tokenizer, check_output_dir, write_manifest
 from moetrt.errors import MoetrtError
 from moetrt.export.trace import trace
 from moetrt.export.weights import DATA_FILE, place_external, write_weights
@@ -56,7 +56,7 @@ def export_checkpoint(
         dtype = dtype or config.dtype
         max_seq_len = config.max_position_embeddings if max_seq_len is None else max_seq_len
         _check_options(config, dtype, max_seq_len, max_batch)
-        _check_output_dir(output_dir, checkpoint_dir)
+        check_output_dir(output_dir, checkpoint_dir, "checkpoint")
         if reader:
             reader.validate()  # from the file headers: fail before the long trace, not after
         with atomic_dir(output_dir) as tmp:
@@ -111,16 +111,6 @@ def _check_options(config: MixtralConfig, dtype: str, max_seq_len: int, max_batc
         )
     if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
         raise MoetrtError(f"max_batch: expected a positive integer, found {max_batch!r}")
-
-
-def _check_output_dir(output_dir: Path, checkpoint_dir: Path) -> None:
-    """Refuse to replace anything but an earlier export (the atomic rename would delete it)."""
-    if output_dir.resolve() == checkpoint_dir.resolve():
-        raise MoetrtError(f"{output_dir}: the output directory must differ from the checkpoint directory")
-    if output_dir.exists() and not (
-        output_dir.is_dir() and (not any(output_dir.iterdir()) or (output_dir / MANIFEST).is_file())
-    ):
-        raise MoetrtError(f"{output_dir}: exists and is not a moetrt artifact; choose another output directory")
 
 
 @contextmanager
