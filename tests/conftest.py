@@ -30,3 +30,14 @@ def checkpoint_factory(tmp_path):
         return make_checkpoint(tmp_path / f"ckpt-{len(list(tmp_path.iterdir()))}", config, seed=seed, fused=fused)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The tiny models run fastest on one thread (8x faster than two on a shared two-core machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

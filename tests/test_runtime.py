@@ -49,13 +49,7 @@ def random_prompts(lengths: tuple[int, ...], seed: int = 0) -> list[list[int]]:
 PROMPTS = random_prompts((13, 9, 21))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models run fastest on one thread (8x faster than two on a shared two-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_backend(tmp_path_factory, name: str) -> EagerBackend:

@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import torch
 from onnx import numpy_helper
 from rich.console import Console
 
@@ -42,12 +41,7 @@ MAX_SEQ = 64
 RUN = {"num_random": 4, "steps": 12, "batch": 2}  # batch 2 over prompts of unequal random lengths
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
