@@ -25,9 +25,10 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from moetrt.artifacts import manifest_config  # noqa: E402
 from moetrt.bench.workload import random_prompt  # noqa: E402
+from moetrt.devices import providers  # noqa: E402
 from moetrt.runtime.generate import generate  # noqa: E402
 from moetrt.runtime.ort_backend import OrtBackend, read_engine_manifest  # noqa: E402
-from moetrt.runtime.ort_session import providers, session_options  # noqa: E402
+from moetrt.runtime.ort_session import session_options  # noqa: E402
 
 
 def profile_engine(engine_dir: Path, prompt_len: int, new_tokens: int, batch: int, threads: int) -> list[dict]:

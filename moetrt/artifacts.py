@@ -29,9 +29,9 @@ from typing import Any
 import moetrt
 from moetrt.errors import MoetrtError
 from moetrt.model.config import MixtralConfig
+from moetrt.names import MANIFEST, TOKENIZER
 from moetrt.plugins import contract
 
-MANIFEST = "moetrt.json"
 KINDS = ("export", "engine")
 REQUIRED = ("config", "dtype", "max_seq_len", "max_batch", "io", "parent")
 
@@ -106,9 +106,6 @@ def check_output_dir(output_dir: Path, source_dir: Path, source: str) -> None:
 def artifact_hash(directory: str | Path) -> str:
     """sha256 of an artifact's manifest: the `parent` a child artifact records."""
     return hashlib.sha256((Path(directory) / MANIFEST).read_bytes()).hexdigest()
-
-
-TOKENIZER = "tokenizer.json"
 
 
 def carry_tokenizer(source_dir: str | Path, artifact_dir: str | Path) -> None:

@@ -23,11 +23,11 @@ from moetrt import artifacts
 from moetrt.errors import MoetrtError
 from moetrt.export import export_checkpoint, moe_input, moe_output, with_reference_function
 from moetrt.export.trace import input_names, output_names
-from moetrt.export.weights import DATA_FILE
 from moetrt.model.checkpoint import CheckpointReader, canonical_shapes, checkpoint_hash, load_model
 from moetrt.model.config import PRESETS
 from moetrt.model.mixtral import KVCache, sparse_moe
 from moetrt.model.testing import make_checkpoint
+from moetrt.names import DATA_FILE
 from moetrt.plugins import contract
 
 TINY = PRESETS["tiny"]

@@ -32,7 +32,6 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from moetrt.artifacts import MANIFEST, TOKENIZER
 from moetrt.engines.ort import build_ort_engine
 from moetrt.engines.ort_linear import quantize_linear_weights
 from moetrt.engines.ort_lowering import PRECISIONS, lower_topk_moe, moe_slices
@@ -43,6 +42,7 @@ from moetrt.model.checkpoint import CheckpointReader
 from moetrt.model.config import PRESETS
 from moetrt.model.mixtral import sparse_moe
 from moetrt.model.testing import make_checkpoint
+from moetrt.names import MANIFEST, TOKENIZER
 from moetrt.plugins import contract
 from moetrt.runtime.eager_backend import EagerBackend
 from moetrt.runtime.generate import generate

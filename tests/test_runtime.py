@@ -12,8 +12,8 @@ The model configurations matter for those two tests only; the loop's bookkeeping
 from __future__ import annotations
 
 import dataclasses
-import sys
-import types
+import importlib
+import importlib.util
 
 import numpy as np
 import pytest
@@ -24,6 +24,7 @@ from moetrt.errors import MoetrtError
 from moetrt.model.config import PRESETS
 from moetrt.model.mixtral import KVCache
 from moetrt.model.testing import make_checkpoint
+from moetrt.registry import BACKENDS, TENSORRT_MISSING, BackendEntry
 from moetrt.runtime.eager_backend import EagerBackend
 from moetrt.runtime.engine import load_backend
 from moetrt.runtime.generate import generate, stream
@@ -243,21 +244,14 @@ def test_load_backend_dispatch(tmp_path, monkeypatch):
     assert isinstance(eager, EagerBackend) and (eager.max_batch, eager.max_seq_len) == (2, 32)
     assert load_backend(ckpt).max_seq_len == TINY.max_position_embeddings
 
-    loaded = []
-    fake = types.ModuleType("moetrt.runtime.ort_backend")
-    fake.OrtBackend = types.SimpleNamespace(load=lambda path, **options: loaded.append((path, options)) or "ort")
-    monkeypatch.setitem(sys.modules, "moetrt.runtime.ort_backend", fake)
     engine = tmp_path / "engine"
     engine.mkdir()
     body = {"config": TINY.to_dict(), "dtype": "float32", "max_seq_len": 32, "max_batch": 1, "io": {}, "parent": ""}
     write_manifest(engine, "engine", {**body, "backend": "ort"})
-    assert load_backend(engine) == load_backend(engine, max_batch=3) == "ort"
-    assert loaded == [(engine, {}), (engine, {"max_batch": 3})]
-
     with pytest.raises(MoetrtError, match="max_seq_len, dtype apply to checkpoints"):
         load_backend(engine, max_seq_len=64, dtype="float16")
     write_manifest(engine, "engine", {**body, "backend": "onnx"})
-    with pytest.raises(MoetrtError, match=r"field 'backend' is 'onnx' \(kind 'engine'\)"):
+    with pytest.raises(MoetrtError, match=r"field 'backend': 'onnx' is not a backend; expected one of ort, trt"):
         load_backend(engine)
     write_manifest(engine, "export", body)
     with pytest.raises(MoetrtError, match="this is a 'export' artifact, expected 'engine'"):
@@ -269,3 +263,41 @@ def test_load_backend_dispatch(tmp_path, monkeypatch):
         load_backend(tmp_path)
     with pytest.raises(MoetrtError, match="not a directory"):
         load_backend(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("name", sorted(BACKENDS))
+def test_load_backend_reaches_each_registered_loader(name, tmp_path, monkeypatch):
+    """Every registry entry's loader gets load_backend's arguments under the one `Backend.load` signature."""
+    entry = BACKENDS[name]
+    module, _, attribute = entry.loader.partition(":")
+    loader = getattr(importlib.import_module(module), attribute)
+    seen = []
+    monkeypatch.setattr(loader, "load", classmethod(lambda cls, path, **options: seen.append((path, options)) or cls))
+    monkeypatch.setattr(BackendEntry, "unavailable", lambda self: None)  # past the "is it installed" check
+    engine = tmp_path / "engine"
+    engine.mkdir()
+    body = {"config": TINY.to_dict(), "dtype": "float32", "max_seq_len": 32, "max_batch": 4, "io": {}, "parent": ""}
+    write_manifest(engine, "engine", {**body, "backend": name})
+    assert load_backend(engine, max_batch=3, threads=2, extra_outputs=["layers.0.moe_output"]) is loader
+    assert load_backend(engine) is loader
+    assert seen == [
+        (engine, {"max_batch": 3, "threads": 2, "extra_outputs": ["layers.0.moe_output"]}),
+        (engine, {"max_batch": None, "threads": None, "extra_outputs": ()}),
+    ]
+
+
+def test_trt_loader_takes_the_common_signature_up_to_tensorrt(tmp_path):
+    """Without TensorRT, a TensorRT engine is refused with the one-line "not installed" error, both through
+    load_backend and through the loader itself with every `Backend.load` argument (no TypeError)."""
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("tensorrt is installed: the GPU tests in test_trt.py open real engines")
+    from moetrt.runtime.trt_backend import TrtBackend
+
+    engine = tmp_path / "engine"
+    engine.mkdir()
+    body = {"config": TINY.to_dict(), "dtype": "float16", "max_seq_len": 32, "max_batch": 4, "io": {}, "parent": ""}
+    write_manifest(engine, "engine", {**body, "backend": "trt"})
+    for load in (load_backend, TrtBackend.load):
+        with pytest.raises(MoetrtError) as err:
+            load(engine, max_batch=2, threads=1, extra_outputs=())
+        assert str(err.value) == TENSORRT_MISSING

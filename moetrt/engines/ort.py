@@ -19,6 +19,7 @@ from typing import Any
 
 import onnx_ir as ir
 
+from moetrt import names
 from moetrt.artifacts import (
     artifact_hash,
     carry_tokenizer,
@@ -27,15 +28,13 @@ from moetrt.artifacts import (
     read_manifest,
     write_manifest,
 )
+from moetrt.devices import providers
 from moetrt.engines.ort_fold import fold_weight_transposes
 from moetrt.engines.ort_linear import quantize_linear_weights
-from moetrt.engines.ort_lowering import PRECISIONS, lower_topk_moe, moe_slices, router_logits, router_matmul
+from moetrt.engines.ort_lowering import PRECISIONS, lower_topk_moe, moe_slices, router_matmul
 from moetrt.errors import MoetrtError
 from moetrt.fsutil import atomic_dir
-from moetrt.runtime.ort_session import providers
-
-MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
+from moetrt.names import DATA_FILE, MODEL_FILE
 
 
 def build_ort_engine(
@@ -81,7 +80,7 @@ def build_ort_engine(
         _save(model, tmp / MODEL_FILE, progress)
         io = dict(export_manifest["io"])
         io["router_logits"] = {
-            router_logits(layer): {"shape": [_tokens(io, layer), config.num_local_experts], "dtype": "float32"}
+            names.router_logits(layer): {"shape": [_tokens(io, layer), config.num_local_experts], "dtype": "float32"}
             for layer in layers
         }
         body = {
@@ -135,9 +134,9 @@ def _save(model: ir.Model, path: Path, progress: bool) -> None:
         bar.update(task, completed=sum(sizes))
 
 
-def _tokens(io: dict[str, Any], prefix: str) -> int | str:
+def _tokens(io: dict[str, Any], layer: int) -> int | str:
     """The token axis of a layer's MoE input as the export recorded it (symbolic: a string)."""
-    entry = io.get("moe", {}).get(f"{prefix}.moe_input")
+    entry = io.get("moe", {}).get(names.moe_input(layer))
     return entry["shape"][0] if entry else "tokens"
 
 

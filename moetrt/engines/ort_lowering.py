@@ -38,6 +38,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
+from moetrt import names
 from moetrt.engines.ort_quant import LazyQuantized, QuantSpec
 from moetrt.errors import MoetrtError
 from moetrt.plugins import contract
@@ -53,13 +54,9 @@ PRECISIONS: dict[str, QuantSpec | None] = {
 }
 
 
-def router_logits(prefix: str) -> str:
-    return f"{prefix}.router_logits"
-
-
-def router_matmul(prefix: str) -> str:
+def router_matmul(layer: int) -> str:
     """Name of the layer's router MatMul node (kept float by every precision)."""
-    return f"{prefix}.router"
+    return f"{names.layer_prefix(layer)}.router"
 
 
 def moe_slices(threads: int, intermediate_size: int) -> int:
@@ -68,7 +65,7 @@ def moe_slices(threads: int, intermediate_size: int) -> int:
 
 
 def lower_topk_moe(model: ir.Model, precision: str, slices: int = 1) -> list[str]:
-    """Replace every TopKMoE node of `model` for `precision`; returns the lowered layer prefixes in order.
+    """Replace every TopKMoE node of `model` for `precision`; returns the lowered layers' indices in order.
 
     slices: cut each fp32 expert into this many slices along F (module docstring); quantized: must be 1.
 
@@ -81,20 +78,21 @@ def lower_topk_moe(model: ir.Model, precision: str, slices: int = 1) -> list[str
     nodes = [n for n in graph if (n.domain, n.op_type) == (contract.DOMAIN, contract.OP_TYPE)]
     if slices != 1 and PRECISIONS[precision] is not None:
         raise MoetrtError(f"precision {precision}: experts are sliced for fp32 only (slices={slices})")
-    prefixes = [_lower_node(graph, node, PRECISIONS[precision], slices) for node in nodes]
-    if prefixes:
+    layers = [_lower_node(graph, node, PRECISIONS[precision], slices) for node in nodes]
+    if layers:
         graph.opset_imports[MS_DOMAIN] = 1
     if not any(n.domain == contract.DOMAIN for n in graph.all_nodes()):
         graph.opset_imports.pop(contract.DOMAIN, None)
         model.opset_imports.pop(contract.DOMAIN, None)
         for key in [k for k in model.functions if k[0] == contract.DOMAIN]:
             del model.functions[key]
-    return prefixes
+    return layers
 
 
-def _lower_node(graph: ir.Graph, node: ir.Node, spec: QuantSpec | None, slices: int) -> str:
+def _lower_node(graph: ir.Graph, node: ir.Node, spec: QuantSpec | None, slices: int) -> int:
     out = node.outputs[0]
-    prefix = str(out.name).removesuffix(".moe_output")
+    layer = names.layer_of(str(out.name))
+    prefix = names.layer_prefix(layer)
     if len(node.inputs) != len(contract.INPUTS):
         raise MoetrtError(f"TopKMoE node {node.name!r}: expected inputs {contract.INPUTS}, found {len(node.inputs)}")
     hidden = node.inputs[0]
@@ -109,9 +107,9 @@ def _lower_node(graph: ir.Graph, node: ir.Node, spec: QuantSpec | None, slices: 
     router_t = register_initializer(
         graph, f"{prefix}.router_weight_t", _lazy(lambda: _transposed(router), router.dtype, (h, e))
     )
-    matmul = ir.Node("", "MatMul", [hidden, router_t], name=router_matmul(prefix))
+    matmul = ir.Node("", "MatMul", [hidden, router_t], name=router_matmul(layer))
     logits = matmul.outputs[0]
-    logits.name = router_logits(prefix)
+    logits.name = names.router_logits(layer)
     logits.dtype = router.dtype
     logits.shape = ir.Shape([hidden.shape[0] if hidden.shape is not None else None, e])
 
@@ -151,7 +149,7 @@ def _lower_node(graph: ir.Graph, node: ir.Node, spec: QuantSpec | None, slices: 
         moe = ir.Node(MS_DOMAIN, "QMoE", [hidden, logits, q1, s1, None, q2, s2], attributes=_attrs(attrs))
     moe.name = f"{prefix}.moe"
     replace_node(graph, node, [*new_nodes, moe])
-    return prefix
+    return layer
 
 
 def replace_node(graph: ir.Graph, node: ir.Node, new_nodes: list[ir.Node]) -> None:

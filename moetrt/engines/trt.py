@@ -28,18 +28,16 @@ from onnx import helper
 from moetrt.artifacts import artifact_hash, carry_tokenizer, read_manifest, write_manifest
 from moetrt.errors import MoetrtError
 from moetrt.fsutil import atomic_dir
+from moetrt.names import MODEL_FILE
 from moetrt.plugins import contract
 from moetrt.plugins.kernels import geometry
 from moetrt.plugins.trt_moe import STAGE_FIELDS, STAGE_OPS
+from moetrt.registry import TENSORRT_MISSING
 
-MODEL_FILE = "model.onnx"
 ENGINE_FILE = "model.engine"
 PRECISIONS = {"fp16": "float16", "bf16": "bfloat16"}
 PLUGIN_MODES = ("aot", "jit")
 DEFAULT_TIMING_CACHE = Path.home() / ".cache" / "moetrt" / "trt-timing.cache"
-NOT_INSTALLED = (
-    "TensorRT is not installed: pip install 'moetrt[trt]' (tensorrt>=10.8 with a CUDA GPU) to build TensorRT engines"
-)
 _ATTR_TYPES = {int: onnx.AttributeProto.INT, str: onnx.AttributeProto.STRING}
 
 
@@ -196,7 +194,7 @@ def build_trt_engine(
     try:
         import tensorrt as trt
     except ImportError:
-        raise MoetrtError(NOT_INSTALLED) from None
+        raise MoetrtError(TENSORRT_MISSING) from None
     export_dir, output_dir = Path(export_dir), Path(output_dir)
     manifest = read_manifest(export_dir, "export")
     if not manifest.get("weights", True):

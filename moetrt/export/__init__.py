@@ -10,6 +10,6 @@ tracing and naming), weights.py (streamed external data), reference.py (the test
 
 from moetrt.export.exporter import export_checkpoint
 from moetrt.export.reference import with_reference_function
-from moetrt.export.trace import moe_input, moe_output
+from moetrt.names import moe_input, moe_output
 
 __all__ = ["export_checkpoint", "moe_input", "moe_output", "with_reference_function"]

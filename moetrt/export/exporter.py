@@ -24,13 +24,12 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeE
 from moetrt.artifacts import carry_tokenizer, check_output_dir, write_manifest
 from moetrt.errors import MoetrtError
 from moetrt.export.trace import trace
-from moetrt.export.weights import DATA_FILE, place_external, write_weights
+from moetrt.export.weights import place_external, write_weights
 from moetrt.fsutil import atomic_dir
 from moetrt.model.checkpoint import CheckpointReader, checkpoint_hash
 from moetrt.model.config import DTYPES, MixtralConfig
+from moetrt.names import DATA_FILE, MODEL_FILE
 from moetrt.plugins import contract
-
-MODEL_FILE = "model.onnx"
 
 
 def export_checkpoint(

@@ -1,7 +1,7 @@
 """Trace the Mixtral graph on the meta device: structure only, no weight is ever allocated.
 
 The result is an onnx_ir model whose names are the contract other stages rely on:
-graph I/O as in `moetrt.runtime.backend` (input_ids, position_ids, past_key.{i}, past_value.{i} ->
+graph I/O as in `moetrt.names` (input_ids, position_ids, past_key.{i}, past_value.{i} ->
 logits, new_key.{i}, new_value.{i}), each TopKMoE node's input and output named `layers.{i}.moe_input` /
 `layers.{i}.moe_output` (the validation suite marks them as outputs to compare layer by layer), and
 initializers named like the canonical checkpoint tensors (`layers.0.self_attn.q_proj.weight`, ...).
@@ -19,32 +19,25 @@ import onnx_ir as ir
 import torch
 from torch import Tensor, nn
 
+from moetrt import names
 from moetrt.export.op import onnx_translation, topk_moe
 from moetrt.model.config import MixtralConfig
 from moetrt.model.mixtral import TORCH_DTYPES, Mixtral
+from moetrt.names import moe_input, moe_output
 from moetrt.plugins import contract
-from moetrt.runtime import backend
 
 OPSET = 20
 BATCH, SEQ = "batch", "seq"
 
 
-def moe_input(layer: int) -> str:
-    return f"layers.{layer}.moe_input"
-
-
-def moe_output(layer: int) -> str:
-    return f"layers.{layer}.moe_output"
-
-
 def input_names(config: MixtralConfig) -> list[str]:
-    caches = ((backend.past_key(i), backend.past_value(i)) for i in range(config.num_hidden_layers))
-    return [backend.INPUT_IDS, backend.POSITION_IDS, *itertools.chain.from_iterable(caches)]
+    caches = ((names.past_key(i), names.past_value(i)) for i in range(config.num_hidden_layers))
+    return [names.INPUT_IDS, names.POSITION_IDS, *itertools.chain.from_iterable(caches)]
 
 
 def output_names(config: MixtralConfig) -> list[str]:
-    new = ((backend.new_key(i), backend.new_value(i)) for i in range(config.num_hidden_layers))
-    return [backend.LOGITS, *itertools.chain.from_iterable(new)]
+    new = ((names.new_key(i), names.new_value(i)) for i in range(config.num_hidden_layers))
+    return [names.LOGITS, *itertools.chain.from_iterable(new)]
 
 
 class _FlatIO(nn.Module):

@@ -17,8 +17,8 @@ import torch
 
 from moetrt.model.checkpoint import CheckpointReader
 from moetrt.model.mixtral import TORCH_DTYPES
+from moetrt.names import DATA_FILE
 
-DATA_FILE = "model.onnx.data"
 ALIGNMENT = 4096
 
 

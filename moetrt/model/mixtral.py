@@ -252,10 +252,18 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
 
-    def write(self, position_ids: Tensor, new_k: Sequence[Tensor], new_v: Sequence[Tensor]) -> None:
-        """Store each layer's new slices [B, KV, T, D] at their rows' positions, in place."""
+    def write(
+        self, position_ids: Tensor, new_k: Sequence[Tensor], new_v: Sequence[Tensor], rows: slice | Tensor | None = None
+    ) -> None:
+        """Store each layer's new slices [B, KV, T, D] at their rows' positions, in place; `rows` are the cache
+        rows of the B batch rows (a slice or an index tensor; default the first B)."""
         b, kv, t, d = new_k[0].shape
         index = position_ids[:, None, :, None].expand(b, kv, t, d)
         for cache_k, cache_v, k, v in zip(self.k, self.v, new_k, new_v, strict=True):
-            cache_k[:b].scatter_(2, index, k)
-            cache_v[:b].scatter_(2, index, v)
+            if rows is None or isinstance(rows, slice):
+                span = rows or slice(0, b)
+                cache_k[span].scatter_(2, index, k)
+                cache_v[span].scatter_(2, index, v)
+            else:
+                cache_k[rows] = cache_k[rows].scatter(2, index, k)
+                cache_v[rows] = cache_v[rows].scatter(2, index, v)

@@ -15,7 +15,7 @@ import torch
 from moetrt.model.checkpoint import canonical_shapes, save_checkpoint
 from moetrt.model.config import MixtralConfig
 from moetrt.model.mixtral import TORCH_DTYPES
-from moetrt.model.tokenizer import TOKENIZER_FILE
+from moetrt.names import TOKENIZER
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
 
@@ -79,5 +79,5 @@ def make_checkpoint(
     out = save_checkpoint(
         random_state(config, seed, std), config, out_dir, fused=fused, max_shard_bytes=max_shard_bytes
     )
-    train_tokenizer(config.vocab_size, out / TOKENIZER_FILE)
+    train_tokenizer(config.vocab_size, out / TOKENIZER)
     return out

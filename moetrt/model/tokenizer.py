@@ -8,8 +8,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as _HFTokenizer
 
 from moetrt.errors import MoetrtError
-
-TOKENIZER_FILE = "tokenizer.json"
+from moetrt.names import TOKENIZER
 
 
 class Tokenizer:
@@ -19,7 +18,7 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, checkpoint_dir: str | Path, bos_token_id: int | None = None) -> Tokenizer:
-        path = Path(checkpoint_dir) / TOKENIZER_FILE
+        path = Path(checkpoint_dir) / TOKENIZER
         if not path.is_file():
             raise MoetrtError(f"{path}: not found; the checkpoint directory needs a tokenizer.json")
         try:

@@ -8,22 +8,31 @@ rows' positions. Inputs and outputs are numpy arrays, as for every backend.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from moetrt.errors import MoetrtError
 from moetrt.model.checkpoint import load_model
 from moetrt.model.mixtral import KVCache, Mixtral
+from moetrt.names import moe_input, moe_output, router_logits
+from moetrt.runtime.backend import ClosingContext
 
 
-class EagerBackend:
+class EagerBackend(ClosingContext):
     """A `Backend` over the eager model, with static K/V buffers [max_batch, kv_heads, max_seq_len, head_dim]
-    per layer on the model's device and in its dtype."""
+    per layer on the model's device and in its dtype.
+
+    `extras` holds, after each step, the per-layer values named in `extra_outputs` (`moetrt.names`:
+    moe_input / moe_output [T, H], router_logits [T, E], tokens flattened over the step's batch rows),
+    captured with forward hooks on the MoE blocks, as an engine returns them as graph outputs.
+    """
 
     name = "eager"
 
-    def __init__(self, model: Mixtral, max_batch: int, max_seq_len: int):
+    def __init__(self, model: Mixtral, max_batch: int, max_seq_len: int, extra_outputs: Sequence[str] = ()):
         self.model = model.eval()
         self.config = model.config
         self.max_batch = max_batch
@@ -31,27 +40,65 @@ class EagerBackend:
         weight = model.embed_tokens.weight
         self.device = weight.device
         self.cache = KVCache(self.config, max_batch, max_seq_len, weight.dtype, str(weight.device))
+        self.extra_outputs = tuple(extra_outputs)
+        self.extras: dict[str, np.ndarray] = {}
+        known = {
+            name(i) for i in range(self.config.num_hidden_layers) for name in (moe_input, moe_output, router_logits)
+        }
+        unknown = [name for name in self.extra_outputs if name not in known]
+        if unknown:
+            raise MoetrtError(f"extra_outputs: {unknown[0]!r} is not a per-layer value of this model (moetrt.names)")
+        self._hooks = [
+            layer.block_sparse_moe.register_forward_hook(self._capture(i))
+            for i, layer in enumerate(self.model.layers)
+            if any(name.startswith(f"layers.{i}.") for name in self.extra_outputs)
+        ]
 
     @classmethod
     def from_checkpoint(
         cls,
         checkpoint_dir: str | Path,
-        max_batch: int,
-        max_seq_len: int,
+        max_batch: int = 1,
+        max_seq_len: int | None = None,
         dtype: str | None = None,
         device: str = "cpu",
+        threads: int | None = None,
+        extra_outputs: Sequence[str] = (),
     ) -> EagerBackend:
-        """Load a Hugging Face checkpoint (dtype defaults to the config's) and allocate the buffers."""
-        return cls(load_model(checkpoint_dir, dtype=dtype, device=device), max_batch, max_seq_len)
+        """Load a Hugging Face checkpoint (dtype defaults to the config's, max_seq_len to its
+        max_position_embeddings) and allocate the buffers; threads sets torch's intra-op threads."""
+        if threads is not None:
+            if threads < 1:
+                raise MoetrtError(f"threads: expected a positive integer, found {threads}")
+            torch.set_num_threads(threads)
+        model = load_model(checkpoint_dir, dtype=dtype, device=device)
+        return cls(model, max_batch, max_seq_len or model.config.max_position_embeddings, extra_outputs)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        max_batch: int | None = None,
+        threads: int | None = None,
+        extra_outputs: Sequence[str] = (),
+    ) -> EagerBackend:
+        """`Backend.load` for a checkpoint directory (max_seq_len: the config's max_position_embeddings)."""
+        return cls.from_checkpoint(path, max_batch=max_batch or 1, threads=threads, extra_outputs=extra_outputs)
 
     @torch.inference_mode()
-    def step(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+    def step(self, input_ids: np.ndarray, position_ids: np.ndarray, slots: Sequence[int] | None = None) -> np.ndarray:
         """See `Backend.step`: int64 [B, T] ids and positions -> float32 logits [B, T, vocab]."""
-        ids = torch.from_numpy(input_ids).to(self.device)
-        pos = torch.from_numpy(position_ids).to(self.device)
+        ids = torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64)).to(self.device)
+        pos = torch.from_numpy(np.ascontiguousarray(position_ids, dtype=np.int64)).to(self.device)
         b = ids.shape[0]
-        logits, new_k, new_v = self.model(ids, pos, [k[:b] for k in self.cache.k], [v[:b] for v in self.cache.v])
-        self.cache.write(pos, new_k, new_v)
+        if slots is None or list(slots) == list(range(b)):
+            rows: slice | torch.Tensor = slice(0, b)
+            k_in, v_in = [k[:b] for k in self.cache.k], [v[:b] for v in self.cache.v]
+        else:
+            rows = torch.as_tensor(check_slots(slots, b, self.max_batch), device=self.device)
+            k_in, v_in = [k[rows] for k in self.cache.k], [v[rows] for v in self.cache.v]
+        logits, new_k, new_v = self.model(ids, pos, k_in, v_in)
+        self.cache.write(pos, new_k, new_v, rows)
         return logits.float().cpu().numpy()
 
     def kv_cache(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
@@ -62,5 +109,33 @@ class EagerBackend:
         return k.cpu().numpy().copy(), v.cpu().numpy().copy()
 
     def close(self) -> None:
-        """Drop the references to the model and the buffers; the backend cannot step afterwards."""
-        del self.model, self.cache
+        """Drop the hooks and the references to the model and the buffers; the backend cannot step afterwards."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self.model = self.cache = None  # type: ignore[assignment]
+
+    def _capture(self, layer: int) -> Callable[..., None]:
+        wanted = set(self.extra_outputs)
+
+        def hook(block: torch.nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            flat = args[0].reshape(-1, args[0].shape[-1])
+            values = {
+                moe_input(layer): lambda: flat,
+                moe_output(layer): lambda: output.reshape(flat.shape),
+                router_logits(layer): lambda: flat @ block.gate.weight.t(),  # the contract's logits
+            }
+            for name, value in values.items():
+                if name in wanted:
+                    tensor = value()
+                    self.extras[name] = (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).cpu().numpy()
+
+        return hook
+
+
+def check_slots(slots: Sequence[int], batch: int, max_batch: int) -> list[int]:
+    """`slots` as a list of `batch` distinct cache rows in [0, max_batch), or a one-line MoetrtError."""
+    rows = [int(s) for s in slots]
+    if len(rows) != batch or len(set(rows)) != batch or min(rows) < 0 or max(rows) >= max_batch:
+        raise MoetrtError(f"slots {rows}: expected {batch} distinct cache slots in [0, {max_batch})")
+    return rows

@@ -10,64 +10,50 @@ torch) only for a checkpoint: an ONNX Runtime engine is served without torch in 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from moetrt.artifacts import MANIFEST as MANIFEST_FILE
 from moetrt.artifacts import read_manifest
 from moetrt.errors import MoetrtError
+from moetrt.names import MANIFEST
+from moetrt.registry import backend_entry
 from moetrt.runtime.backend import Backend
-
-BACKENDS = ("ort", "trt")
 
 
 def load_backend(
     path: str | Path,
     max_batch: int | None = None,
+    threads: int | None = None,
+    extra_outputs: Sequence[str] = (),
     max_seq_len: int | None = None,
     dtype: str | None = None,
     device: str | None = None,
 ) -> Backend:
-    """Load an engine directory with the backend its manifest names, or a checkpoint directory (config.json,
-    no moetrt.json) as an `EagerBackend`.
+    """Load an engine directory with the backend its manifest names (`moetrt.registry`), or a checkpoint
+    directory (config.json, no moetrt.json) as an `EagerBackend`.
 
-    For a checkpoint, max_batch defaults to 1, max_seq_len to the config's max_position_embeddings, dtype to
-    the config's and device to "cpu". For an engine, max_batch (when given) goes to its loader, which
-    defaults to the manifest's; its max_seq_len, precision and device were fixed when it was built, so
-    passing any of those is refused rather than ignored.
+    max_batch (cache slots), threads and extra_outputs go to the backend's `load` (see `Backend.load`). For a
+    checkpoint, max_batch defaults to 1, max_seq_len to the config's max_position_embeddings, dtype to the
+    config's and device to "cpu"; an engine fixed its max_seq_len, precision and device when it was built,
+    so passing any of those for an engine is refused rather than ignored. Raises MoetrtError (one line).
     """
     path = Path(path)
     if not path.is_dir():
         raise MoetrtError(f"{path}: not a directory; expected an engine directory or a Hugging Face checkpoint")
-    if (path / MANIFEST_FILE).is_file():
+    if (path / MANIFEST).is_file():
         fixed = {"max_seq_len": max_seq_len, "dtype": dtype, "device": device}
         given = [name for name, value in fixed.items() if value is not None]
         if given:
             raise MoetrtError(f"{path}: {', '.join(given)} apply to checkpoints; an engine fixes them when it is built")
-        return _load_engine(path, read_manifest(path, "engine"), max_batch)
+        manifest = read_manifest(path, "engine")
+        entry = backend_entry(manifest.get("backend"), f"{path / MANIFEST}: field 'backend'")
+        entry.require()
+        return entry.load(path, max_batch=max_batch, threads=threads, extra_outputs=extra_outputs)
     if (path / "config.json").is_file():
-        from moetrt.model.checkpoint import load_model
         from moetrt.runtime.eager_backend import EagerBackend
 
-        model = load_model(path, dtype=dtype, device=device or "cpu")
-        return EagerBackend(model, max_batch or 1, max_seq_len or model.config.max_position_embeddings)
-    raise MoetrtError(
-        f"{path}: neither an engine ({MANIFEST_FILE}) nor a Hugging Face checkpoint (config.json) directory"
-    )
-
-
-def _load_engine(path: Path, manifest: dict[str, Any], max_batch: int | None) -> Backend:
-    options = {} if max_batch is None else {"max_batch": max_batch}
-    backend = manifest.get("backend")
-    if backend == "ort":
-        from moetrt.runtime.ort_backend import OrtBackend
-
-        return OrtBackend.load(path, **options)
-    if backend == "trt":
-        from moetrt.runtime.trt_backend import TrtBackend
-
-        return TrtBackend.load(path, **options)
-    raise MoetrtError(
-        f"{path / MANIFEST_FILE}: field 'backend' is {backend!r} (kind {manifest.get('kind')!r}); "
-        f"expected an engine directory built for one of {', '.join(BACKENDS)}"
-    )
+        return EagerBackend.from_checkpoint(
+            path, max_batch=max_batch or 1, max_seq_len=max_seq_len, dtype=dtype, device=device or "cpu",
+            threads=threads, extra_outputs=extra_outputs,
+        )  # fmt: skip
+    raise MoetrtError(f"{path}: neither an engine ({MANIFEST}) nor a Hugging Face checkpoint (config.json) directory")

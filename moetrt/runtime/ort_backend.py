@@ -23,18 +23,18 @@ from typing import Any
 
 import numpy as np
 
+from moetrt import names as io_names
 from moetrt.artifacts import MANIFEST, manifest_config, read_manifest
 from moetrt.errors import MoetrtError
 from moetrt.model.config import MixtralConfig
-from moetrt.runtime import backend as io_names
+from moetrt.names import DATA_FILE, MODEL_FILE
+from moetrt.runtime.backend import ClosingContext
 from moetrt.runtime.ort_session import add_graph_outputs, create_session
 
-MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
-class OrtBackend:
+class OrtBackend(ClosingContext):
     """One loaded ORT engine with its static KV buffers.
 
     `extras` holds, after each `step`, the values named in `extra_outputs` at load (e.g.
@@ -107,8 +107,10 @@ class OrtBackend:
         _check_graph(session, engine_dir, config, max_seq_len)
         return cls(session, config, batch, max_seq_len, manifest["dtype"], extra_outputs)
 
-    def step(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+    def step(self, input_ids: np.ndarray, position_ids: np.ndarray, slots: Sequence[int] | None = None) -> np.ndarray:
         """Run [B, T] tokens at their positions, store the new K/V, return float32 logits [B, T, vocab]."""
+        if slots is not None and list(slots) != list(range(len(input_ids))):
+            raise MoetrtError("OrtBackend.step: only the leading slots 0..B-1 can be stepped by this engine layout")
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         pos = np.ascontiguousarray(position_ids, dtype=np.int64)
         starts = self._check_step(ids, pos)

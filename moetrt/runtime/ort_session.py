@@ -21,25 +21,9 @@ from pathlib import Path
 
 import onnx
 
+from moetrt.devices import providers
 from moetrt.errors import MoetrtError
-
-DEVICES = ("cpu", "cuda")
-
-
-def providers(device: str) -> list[str]:
-    """Execution providers for `device`, checked against the installed onnxruntime wheel."""
-    import onnxruntime as ort
-
-    if device not in DEVICES:
-        raise MoetrtError(f"device {device!r}: expected one of {', '.join(DEVICES)}")
-    if device == "cpu":
-        return ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        raise MoetrtError(
-            "device 'cuda': this onnxruntime has no CUDAExecutionProvider; install the GPU wheel with "
-            "`pip uninstall -y onnxruntime && pip install onnxruntime-gpu`"
-        )
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+from moetrt.names import MODEL_FILE
 
 
 def session_options(threads: int | None):
@@ -73,7 +57,7 @@ def create_session(
     import onnxruntime as ort
 
     so = session_options(threads)
-    path = engine_dir / "model.onnx"
+    path = engine_dir / MODEL_FILE
     if model is not None:
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(engine_dir))
         source: str | bytes = model.SerializeToString()

@@ -11,10 +11,11 @@ from typing import Any
 
 from rich.console import Console
 
-from moetrt.artifacts import MANIFEST, TOKENIZER, manifest_config, read_manifest
+from moetrt.artifacts import manifest_config, read_manifest
 from moetrt.errors import MoetrtError
 from moetrt.model.config import MixtralConfig
 from moetrt.model.tokenizer import Tokenizer
+from moetrt.names import MANIFEST, TOKENIZER
 from moetrt.runtime.engine import load_backend
 from moetrt.runtime.generate import stream
 from moetrt.runtime.sampling import SamplingParams

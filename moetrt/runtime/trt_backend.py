@@ -16,27 +16,30 @@ a live row. Imports of tensorrt happen at load; MoetrtError if TensorRT or a CUD
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from moetrt import names as io
 from moetrt.artifacts import MANIFEST, read_manifest
 from moetrt.errors import MoetrtError
 from moetrt.model.config import MixtralConfig
 from moetrt.model.mixtral import TORCH_DTYPES
-from moetrt.runtime import backend as io
+from moetrt.registry import TENSORRT_MISSING
+from moetrt.runtime.backend import ClosingContext
 
 PREFILL, DECODE = 0, 1  # optimization profile indices, in the order moetrt.engines.trt builds them
 
 
-class TrtBackend:
+class TrtBackend(ClosingContext):
     """A `Backend` over a deserialized TensorRT engine with static CUDA K/V buffers."""
 
     name = "trt"
 
-    def __init__(self, engine_dir: str | Path):
+    def __init__(self, engine_dir: str | Path, max_batch: int | None = None, extra_outputs: Sequence[str] = ()):
         trt = _import_tensorrt()
         if not torch.cuda.is_available():
             raise MoetrtError(f"{engine_dir}: TensorRT engines run on a CUDA GPU, and torch sees none")
@@ -44,6 +47,12 @@ class TrtBackend:
         manifest = _read_manifest(engine_dir)
         self.config = MixtralConfig.from_dict(manifest["config"])
         self.max_batch = int(manifest["max_batch"])
+        if max_batch is not None:
+            if not 1 <= max_batch <= self.max_batch:
+                raise MoetrtError(f"max_batch: {max_batch} is outside [1, {self.max_batch}] (the engine's profile)")
+            self.max_batch = max_batch
+        if extra_outputs:
+            raise MoetrtError(f"{engine_dir}: this TensorRT engine returns no per-layer values; rebuild it")
         self.max_seq_len = int(manifest["max_seq_len"])
         self.dtype = TORCH_DTYPES[manifest["dtype"]]
         self._trt = trt
@@ -66,8 +75,15 @@ class TrtBackend:
         self._graph = self._capture_decode()
 
     @classmethod
-    def load(cls, engine_dir: str | Path) -> TrtBackend:
-        return cls(engine_dir)
+    def load(
+        cls,
+        engine_dir: str | Path,
+        max_batch: int | None = None,
+        threads: int | None = None,
+        extra_outputs: Sequence[str] = (),
+    ) -> TrtBackend:
+        """`Backend.load`: threads do not apply to a GPU engine; max_batch may lower the manifest's."""
+        return cls(engine_dir, max_batch=max_batch, extra_outputs=extra_outputs)
 
     def _context(self, profile: int):
         context = self.engine.create_execution_context()
@@ -174,10 +190,7 @@ def _import_tensorrt():
     try:
         import tensorrt as trt
     except ImportError:
-        raise MoetrtError(
-            "TensorRT is not installed: pip install 'moetrt[trt]' (tensorrt>=10.8 with a CUDA GPU) to run TensorRT "
-            "engines"
-        ) from None
+        raise MoetrtError(TENSORRT_MISSING) from None
     return trt
 
 

@@ -20,10 +20,11 @@ from polygraphy.comparator import Comparator, RunResults, SimpleCompareFunc
 from polygraphy.comparator.struct import IterationResult
 from polygraphy.logger import G_LOGGER
 
+from moetrt import names as io
 from moetrt.model.mixtral import Mixtral, sparse_moe
-from moetrt.runtime import backend as io
+from moetrt.names import moe_input, moe_output, router_logits
 from moetrt.validate.inputs import Feed
-from moetrt.validate.runners import moe_input, moe_output, router_logits, to_numpy
+from moetrt.validate.runners import to_numpy
 from moetrt.validate.tolerances import Tolerance
 
 Outputs = dict[str, np.ndarray]

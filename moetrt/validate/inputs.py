@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from moetrt import names as io
 from moetrt.errors import MoetrtError
 from moetrt.model.config import MixtralConfig
 from moetrt.model.tokenizer import Tokenizer
-from moetrt.runtime import backend as io
 from moetrt.runtime.generate import PAD_TOKEN_ID
 
 RANDOM_LENGTHS = (5, 24)  # random prompts draw their lengths from this range (inclusive): unequal rows

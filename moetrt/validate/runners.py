@@ -28,23 +28,12 @@ from polygraphy.backend.base import BaseRunner
 from polygraphy.backend.onnxrt import OnnxrtRunner
 from polygraphy.common import TensorMetadata
 
+from moetrt import names as io
 from moetrt.errors import MoetrtError
 from moetrt.model.mixtral import Mixtral
-from moetrt.runtime import backend as io
+from moetrt.names import moe_input, moe_output, router_logits
 from moetrt.runtime.backend import Backend
 from moetrt.runtime.engine import load_backend
-
-
-def moe_input(layer: int) -> str:
-    return f"layers.{layer}.moe_input"
-
-
-def moe_output(layer: int) -> str:
-    return f"layers.{layer}.moe_output"
-
-
-def router_logits(layer: int) -> str:
-    return f"layers.{layer}.router_logits"
 
 
 def layer_values(num_layers: int) -> list[str]:

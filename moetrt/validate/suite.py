@@ -17,8 +17,8 @@ import numpy as np
 from polygraphy.comparator import Comparator
 from polygraphy.logger import G_LOGGER
 
+from moetrt import names as io
 from moetrt.model.mixtral import Mixtral
-from moetrt.runtime import backend as io
 from moetrt.runtime.backend import Backend
 from moetrt.runtime.eager_backend import EagerBackend
 from moetrt.runtime.generate import generate

@@ -1,0 +1,69 @@
+"""Names every stage shares: the graph's I/O, the per-layer values validation and routing read, and the files
+of an artifact directory. The ground floor of the house: it imports nothing of moetrt's.
+
+Graph I/O (shapes in the export manifest's `io`; symbolic dims "batch" and "seq"):
+    inputs   input_ids [batch, seq] int64, position_ids [batch, seq] int64,
+             past_key.{i}, past_value.{i} [batch, kv_heads, max_seq, head_dim]   (read-only in the export)
+    outputs  logits [batch, seq, vocab], new_key.{i}, new_value.{i} [batch, kv_heads, seq, head_dim]
+Per-layer values (graph values an engine can be asked to return for validation or routing statistics):
+    layers.{i}.moe_input [tokens, hidden]       the TopKMoE node's input (after the post-attention norm)
+    layers.{i}.moe_output [tokens, hidden]      its output
+    layers.{i}.router_logits [tokens, experts]  the router's logits (fp32 at every precision)
+"""
+
+from __future__ import annotations
+
+# --- graph I/O ---------------------------------------------------------------------------------------------
+INPUT_IDS = "input_ids"
+POSITION_IDS = "position_ids"
+LOGITS = "logits"
+
+
+def past_key(layer: int) -> str:
+    return f"past_key.{layer}"
+
+
+def past_value(layer: int) -> str:
+    return f"past_value.{layer}"
+
+
+def new_key(layer: int) -> str:
+    return f"new_key.{layer}"
+
+
+def new_value(layer: int) -> str:
+    return f"new_value.{layer}"
+
+
+# --- per-layer values --------------------------------------------------------------------------------------
+def moe_input(layer: int) -> str:
+    return f"layers.{layer}.moe_input"
+
+
+def moe_output(layer: int) -> str:
+    return f"layers.{layer}.moe_output"
+
+
+def router_logits(layer: int) -> str:
+    return f"layers.{layer}.router_logits"
+
+
+def layer_prefix(layer: int) -> str:
+    """`layers.{i}`: the prefix of every value and initializer of layer i."""
+    return f"layers.{layer}"
+
+
+# --- artifact files ----------------------------------------------------------------------------------------
+MANIFEST = "moetrt.json"  # every artifact directory's manifest (moetrt.artifacts)
+MODEL_FILE = "model.onnx"  # exports and ORT engines
+DATA_FILE = "model.onnx.data"  # their external weights
+ENGINE_FILE = "model.engine"  # a serialized TensorRT engine
+TOKENIZER = "tokenizer.json"  # the checkpoint's tokenizer, carried into every artifact
+
+
+def layer_of(value_name: str) -> int:
+    """The layer index of a per-layer value or initializer name (`layers.{i}.…` -> i); ValueError otherwise."""
+    head, index, _ = value_name.split(".", 2) if value_name.count(".") >= 2 else ("", "", "")
+    if head != "layers" or not index.isdigit():
+        raise ValueError(f"{value_name!r} is not a per-layer name (layers.<i>.<value>)")
+    return int(index)
