@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO_ROOT))  # `python benchmarks/run_all.py` from anywhe
 from benchmarks.peers.common import run_isolated  # noqa: E402
 from benchmarks.peers.run_peers import backend_call, ensure_ortgenai_model  # noqa: E402
 from moetrt.bench import report  # noqa: E402
-from moetrt.bench.prepare import BACKENDS as MOETRT_PRECISIONS  # noqa: E402
+from moetrt.bench.prepare import bench_backends  # noqa: E402
 from moetrt.model.config import PRESETS  # noqa: E402
 
 REFERENCE = "hf-eager-dynamic"
@@ -62,7 +62,7 @@ def measure(name: str, batch: int, args: argparse.Namespace, paths: dict[str, st
     if name in MOETRT:
         kwargs = {"path": paths[name], "backend": name, **workload}
         run = run_isolated("moetrt.bench.measure:measure", kwargs, threads=args.threads, timeout=args.timeout)
-        return {**run, "precision": MOETRT_PRECISIONS[name][1], **workload}
+        return {**run, "precision": bench_backends()[name][1], **workload}
     peer_args = argparse.Namespace(**vars(args), batch=batch, seed=0, warmup_tokens=16)
     target, kwargs = backend_call(name, peer_args, models)
     run = run_isolated(target, kwargs, threads=args.threads, timeout=args.timeout)

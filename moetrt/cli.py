@@ -16,11 +16,15 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
+from moetrt.bench.prepare import bench_backends
 from moetrt.errors import MoetrtError
+from moetrt.registry import BACKENDS, backend_entry
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 console = Console()
+PRECISIONS_HELP = "; ".join(f"{name}: {' | '.join(entry.precisions)}" for name, entry in BACKENDS.items())
 
 
 @app.callback()
@@ -110,25 +114,16 @@ def export(
 def build(
     export_dir: Annotated[Path, typer.Argument(help="directory written by `moetrt export`")],
     output: Annotated[Path, typer.Option("--output", "-o", help="engine directory to write")],
-    backend: Annotated[str, typer.Option(help="ort | trt")] = "ort",
-    precision: Annotated[str | None, typer.Option(help="ort: fp32 | int8 | int4; trt: fp16 | bf16")] = None,
+    backend: Annotated[str, typer.Option(help=f"{' | '.join(BACKENDS)}")] = "ort",
+    precision: Annotated[str | None, typer.Option(help=PRECISIONS_HELP)] = None,
     threads: Annotated[
         int | None, typer.Option(help="ort: serving threads; fp32 experts are sliced for them (default: all CPUs)")
     ] = None,
-    device: Annotated[str, typer.Option(help="ort: cpu | cuda (needs onnxruntime-gpu)")] = "cpu",
+    device: Annotated[str | None, typer.Option(help="ort: cpu | cuda (needs onnxruntime-gpu)")] = None,
 ) -> None:
     """Build an ONNX Runtime or TensorRT engine from an export."""
-    if backend == "ort":
-        from moetrt.engines.ort import build_ort_engine
-
-        path = build_ort_engine(export_dir, output, precision=precision or "fp32", threads=threads, device=device)
-    elif backend == "trt":
-        from moetrt.engines.trt import build_trt_engine
-
-        path = build_trt_engine(export_dir, output, precision=precision or "fp16")
-    else:
-        raise MoetrtError(f"build: --backend must be 'ort' or 'trt', found {backend!r}")
-    console.print(f"{backend} engine written to [bold]{path}[/bold]")
+    path = backend_entry(backend, "--backend").build(export_dir, output, precision, threads, device)
+    console.print(Text.assemble(f"{backend} engine written to ", (str(path), "bold")))
 
 
 @command
@@ -176,7 +171,7 @@ def demo() -> None:
 def bench(
     checkpoint_dir: Annotated[Path | None, typer.Argument(help="Hugging Face checkpoint directory")] = None,
     preset: Annotated[str | None, typer.Option(help="benchmark a seeded checkpoint of this preset (cached)")] = None,
-    backends: Annotated[str, typer.Option(help="comma-separated: eager, ort-fp32, ort-int8, ort-int4, trt")] = (
+    backends: Annotated[str, typer.Option(help=f"comma-separated: {', '.join(bench_backends())}")] = (
         "eager,ort-fp32,ort-int8,ort-int4"
     ),
     prompt_len: Annotated[int, typer.Option(help="prompt tokens per row")] = 128,

@@ -175,7 +175,7 @@ class OffByOneBackend(EagerBackend):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         write = self.cache.write
-        self.cache.write = lambda positions, k, v: write(positions + 1, k, v)
+        self.cache.write = lambda positions, k, v, rows=None: write(positions + 1, k, v, rows)
 
 
 def test_kv_cache_off_by_one_fails_kv_cache_at_layer_0(checkpoint, engine):

@@ -1,4 +1,4 @@
-"""Peer baselines for moetrt's benchmark (issue 7): the same checkpoint, machine and workload, measured in
+"""Peer baselines for moetrt's benchmark: the same checkpoint, machine and workload, measured in
 other stacks, so a run can report moetrt's engines as ratios to them.
 
 - `hf.bench_hf`: Hugging Face transformers `generate` (eager / sdpa attention; dynamic / static cache).

@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from moetrt.bench.prepare import bench_backends
 from moetrt.bench.workload import peak_rss_bytes, random_prompt
 from moetrt.runtime.engine import load_backend
 from moetrt.runtime.generate import generate
@@ -35,16 +36,18 @@ def measure(
 
     The warmup is a generation on the same prompt with min(warmup_tokens, new_tokens) tokens: a full-length
     prefill and some decode steps, which fault in the weights and start thread pools and allocators."""
+    engine = bench_backends()[backend]
+    on_gpu = engine is not None and engine[0].accelerator == "cuda"
     torch = None
-    if backend in ("eager", "trt"):  # an ORT engine runs without torch in the process (its peak RSS too)
+    if engine is None or on_gpu:  # a CPU engine runs without torch in the process (its peak RSS too)
         import torch
 
         if threads is not None:
             torch.set_num_threads(threads)  # the eager model; ORT engines carry their thread count
-    gpu = torch is not None and backend == "trt" and torch.cuda.is_available()
+    gpu = on_gpu and torch.cuda.is_available()
     free_before = torch.cuda.mem_get_info()[0] if gpu else 0
     t0 = time.perf_counter()
-    options = {"max_seq_len": prompt_len + new_tokens} if backend == "eager" else {}
+    options = {"max_seq_len": prompt_len + new_tokens} if engine is None else {}
     runner = load_backend(path, max_batch=batch, **options)
     load_s = time.perf_counter() - t0
     try:

@@ -1,10 +1,9 @@
 """The artifacts a benchmark run measures: one export per dtype, then each requested engine built from it.
 
-    eager      the checkpoint itself (moetrt's eager reference, `EagerBackend`)
-    ort-fp32   ONNX Runtime, com.microsoft::MoE          (fp32 export)
-    ort-int8   ONNX Runtime, block-32 int8 experts (QMoE), attention and lm_head (MatMulNBits)
-    ort-int4   ONNX Runtime, the same in block-32 int4
-    trt        TensorRT fp16 (fp16 export; needs tensorrt and a CUDA GPU)
+Backends are named `eager` (the checkpoint itself, moetrt's eager reference `EagerBackend`) or
+`{backend}-{precision}` for every backend and precision in `moetrt.registry` (ort-fp32, ort-int8, ort-int4,
+trt-fp16, trt-bf16); a bare backend name means its default precision (`trt` = trt-fp16). Each engine is built
+from an export in the dtype its precision needs (the registry's table).
 
 Everything goes into `workdir` (export-float32/, engine-ort-fp32/, ...). With `reuse`, an artifact already
 there is kept when its manifest says it was made from this very parent with these limits; otherwise every
@@ -23,15 +22,10 @@ from typing import Any
 from moetrt.artifacts import artifact_hash, read_manifest
 from moetrt.errors import MoetrtError
 from moetrt.model.checkpoint import checkpoint_hash
+from moetrt.registry import BACKENDS as ENGINE_BACKENDS
+from moetrt.registry import BackendEntry
 
-# backend -> (engine kind, precision); "eager" runs the checkpoint in its own dtype (fp32 for the presets).
-BACKENDS: dict[str, tuple[str, str]] = {
-    "eager": ("eager", "fp32"),
-    "ort-fp32": ("ort", "fp32"),
-    "ort-int8": ("ort", "int8"),
-    "ort-int4": ("ort", "int4"),
-    "trt": ("trt", "fp16"),
-}
+EAGER = "eager"
 
 
 @dataclass(frozen=True)
@@ -44,12 +38,31 @@ class Artifact:
     reused: bool
 
 
+def bench_backends() -> dict[str, tuple[BackendEntry, str] | None]:
+    """Every name `--backends` accepts -> (registry entry, precision); None for eager."""
+    names: dict[str, tuple[BackendEntry, str] | None] = {EAGER: None}
+    for entry in ENGINE_BACKENDS.values():
+        names.update({f"{entry.name}-{precision}": (entry, precision) for precision in entry.precisions})
+    return names
+
+
 def parse_backends(spec: str) -> list[str]:
-    """'eager,ort-fp32' -> ['eager', 'ort-fp32'], refusing unknown names with one line."""
-    names = [name.strip() for name in spec.split(",") if name.strip()]
-    unknown = [name for name in names if name not in BACKENDS]
-    if unknown or not names:
-        raise MoetrtError(f"--backends {spec!r}: expected a comma-separated subset of {', '.join(BACKENDS)}")
+    """'eager,ort-fp32,trt' -> ['eager', 'ort-fp32', 'trt-fp16'], refusing unknown names, and backends this
+    machine cannot run (e.g. TensorRT not installed), with one line."""
+    known = bench_backends()
+    names = []
+    for name in (name.strip() for name in spec.split(",")):
+        if name in ENGINE_BACKENDS:
+            name = f"{name}-{ENGINE_BACKENDS[name].default_precision}"
+        if name and name not in known:
+            raise MoetrtError(f"--backends {spec!r}: expected a comma-separated subset of {', '.join(known)}")
+        if name:
+            names.append(name)
+    if not names:
+        raise MoetrtError(f"--backends {spec!r}: expected a comma-separated subset of {', '.join(known)}")
+    for name in names:
+        if known[name] is not None:
+            known[name][0].require()
     return list(dict.fromkeys(names))
 
 
@@ -63,17 +76,17 @@ def prepare(
     reuse: bool = False,
 ) -> tuple[dict[str, Path], list[Artifact]]:
     """Export and build what `backends` need; returns (backend -> directory to measure, the steps taken)."""
-    from moetrt.engines.ort import build_ort_engine
     from moetrt.export import export_checkpoint
 
+    known = bench_backends()
     paths: dict[str, Path] = {}
     steps: list[Artifact] = []
     for backend in backends:
-        kind, precision = BACKENDS[backend]
-        if kind == "eager":
+        if known[backend] is None:
             paths[backend] = checkpoint_dir
             continue
-        dtype = "float16" if kind == "trt" else "float32"
+        entry, precision = known[backend]
+        dtype = entry.precisions[precision]
         export = workdir / f"export-{dtype}"
         if not any(step.path == export for step in steps):
             limits = {"max_seq_len": max_seq_len, "max_batch": max_batch}
@@ -82,11 +95,9 @@ def prepare(
             steps.append(_run_step(f"export {dtype}", export, "export", expect if reuse else None, make))
         engine = workdir / f"engine-{backend}"
         expect = {"parent": artifact_hash(export), "precision": precision}
-        if kind == "ort":
-            expect["threads"] = threads
-            make = partial(build_ort_engine, export, engine, precision=precision, threads=threads)
-        else:
-            make = partial(_build_trt, export, engine)
+        if entry.accelerator == "cpu":
+            expect["threads"] = threads  # CPU engines are built for their serving threads
+        make = partial(entry.build, export, engine, precision=precision, threads=threads)
         steps.append(_run_step(f"build {backend}", engine, "engine", expect if reuse else None, make))
         paths[backend] = engine
     return paths, steps
@@ -107,9 +118,3 @@ def _matches(path: Path, kind: str, expect: dict[str, Any]) -> bool:
     except MoetrtError:
         return False
     return all(manifest.get(key) == value for key, value in expect.items())
-
-
-def _build_trt(export: Path, out: Path) -> Path:
-    from moetrt.engines.trt import build_trt_engine
-
-    return build_trt_engine(export, out, precision="fp16")

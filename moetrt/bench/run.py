@@ -18,7 +18,7 @@ from rich.console import Console
 
 from moetrt.bench import report
 from moetrt.bench.isolate import run_isolated
-from moetrt.bench.prepare import BACKENDS, parse_backends, prepare
+from moetrt.bench.prepare import bench_backends, parse_backends, prepare
 from moetrt.cachedir import cache_root, preset_checkpoint
 from moetrt.errors import MoetrtError
 from moetrt.model.config import MixtralConfig
@@ -91,7 +91,8 @@ def run_bench(
     for name in names:
         if runs[name]:
             row = report.summarize(runs[name])
-            precision = EAGER_PRECISION[config.dtype] if name == "eager" else BACKENDS[name][1]
+            engine = bench_backends()[name]
+            precision = EAGER_PRECISION[config.dtype] if engine is None else engine[1]
             rows.append({**row, "precision": precision, **workload})
     reference = "eager" if "eager" in runs and runs["eager"] else names[0]
     report.annotate(rows, config, bandwidth_gbs, reference)

@@ -42,7 +42,7 @@ def build_ort_engine(
     output_dir: str | Path,
     precision: str = "fp32",
     threads: int | None = None,
-    device: str = "cpu",
+    device: str | None = None,
     progress: bool = True,
 ) -> Path:
     """Lower the export in `export_dir` for ONNX Runtime and write the engine directory `output_dir`.
@@ -51,10 +51,11 @@ def build_ort_engine(
         QMoE experts and MatMulNBits attention / lm_head, block-32 weights (routers and embeddings stay float).
     threads: intra-op threads the engine is served with (None: ORT's default); fp32 experts are sliced for
         that many threads (ort_lowering.moe_slices; None: one slice per CPU).
-    device: "cpu" or "cuda" (needs onnxruntime-gpu; the same graph).
+    device: "cpu" (None) or "cuda" (needs onnxruntime-gpu; the same graph).
     Returns the engine directory.
     """
     export_dir, output_dir = Path(export_dir), Path(output_dir)
+    device = device or "cpu"
     if precision not in PRECISIONS:
         raise MoetrtError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     providers(device)  # refuse a device this onnxruntime cannot serve before doing any work

@@ -51,6 +51,12 @@ class Backend(Protocol):
         """Host copies of one layer's K and V buffers [max_batch, kv_heads, max_seq, head_dim] (validation)."""
         ...
 
+    def set_kv_cache(self, layer: int, k: np.ndarray, v: np.ndarray) -> None:
+        """Overwrite the first k.shape[0] slots of one layer's K and V buffers with host arrays
+        [B, kv_heads, max_seq, head_dim] (cast to the buffers' dtype): validation runs an engine step over the
+        caches the eager model filled, so a step's numbers are compared apart from cache bookkeeping."""
+        ...
+
     def close(self) -> None:
         """Release the session/engine and its buffers."""
         ...

@@ -108,6 +108,11 @@ class EagerBackend(ClosingContext):
             k, v = k.float(), v.float()
         return k.cpu().numpy().copy(), v.cpu().numpy().copy()
 
+    def set_kv_cache(self, layer: int, k: np.ndarray, v: np.ndarray) -> None:
+        """See `Backend.set_kv_cache`."""
+        for buffer, value in ((self.cache.k[layer], k), (self.cache.v[layer], v)):
+            buffer[: len(value)] = torch.from_numpy(np.ascontiguousarray(value)).to(buffer.dtype)
+
     def close(self) -> None:
         """Drop the hooks and the references to the model and the buffers; the backend cannot step afterwards."""
         for hook in self._hooks:

@@ -1,6 +1,6 @@
 """`OrtBackend`: an ONNX Runtime engine directory behind the `Backend` interface.
 
-Memory discipline (measured in /work/shared/NOTES.md: host-written slices beat ORT ping-pong caches):
+Memory discipline (host-written slices measured faster than ORT ping-pong caches; benchmarks/bench_kv_designs.py):
 - Per layer, K and V buffers [max_batch, kv_heads, max_seq, head_dim] are numpy arrays allocated once at
   load. They are bound (IOBinding) as the read-only `past_key.{i}` / `past_value.{i}` inputs through
   OrtValues that wrap the arrays' memory; for a batch B < max_batch the OrtValue wraps the contiguous
@@ -136,6 +136,11 @@ class OrtBackend(ClosingContext):
     def kv_cache(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """Copies of layer `layer`'s K and V buffers [max_batch, kv_heads, max_seq, head_dim]."""
         return self._k[layer].copy(), self._v[layer].copy()
+
+    def set_kv_cache(self, layer: int, k: np.ndarray, v: np.ndarray) -> None:
+        """See `Backend.set_kv_cache`."""
+        self._k[layer][: len(k)] = k
+        self._v[layer][: len(v)] = v
 
     def close(self) -> None:
         """Drop the session, the binding and the buffers (the bindings first: they point into the buffers)."""

@@ -180,6 +180,13 @@ class TrtBackend(ClosingContext):
                 k, v = k.float(), v.float()
             return k.cpu().numpy(), v.cpu().numpy()
 
+    def set_kv_cache(self, layer: int, k: np.ndarray, v: np.ndarray) -> None:
+        """See `Backend.set_kv_cache` (host arrays copied into the device buffers on the engine's stream)."""
+        with torch.cuda.stream(self.stream):
+            for buffer, value in ((self.k[layer], k), (self.v[layer], v)):
+                buffer[: len(value)].copy_(torch.from_numpy(np.ascontiguousarray(value)).to(buffer.dtype))
+            self.stream.synchronize()
+
     def close(self) -> None:
         """Release the CUDA graph, contexts, engine and buffers; the backend cannot step afterwards."""
         self.stream.synchronize()

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moetrt.artifacts import MANIFEST, read_manifest
+from moetrt.artifacts import read_manifest
 from moetrt.errors import MoetrtError
 from moetrt.model.checkpoint import load_model
 from moetrt.model.config import MixtralConfig
+from moetrt.names import MANIFEST
+from moetrt.registry import backend_entry
 from moetrt.validate.inputs import check_fits, load_prompts
 from moetrt.validate.report import ValidationReport, render
-from moetrt.validate.runners import EngineUnderTest, open_ort_engine
+from moetrt.validate.runners import EngineUnderTest, open_backend_engine
 from moetrt.validate.suite import run_suite
 from moetrt.validate.tolerances import TOLERANCES
 
@@ -81,10 +83,5 @@ def open_engine(engine_dir: Path, config: MixtralConfig) -> EngineUnderTest:
             f"{engine_dir}: engine built from another model ({field} = {getattr(built_for, field)!r} in its "
             f"manifest, {getattr(config, field)!r} in the checkpoint's config.json)"
         )
-    if manifest.get("backend") == "ort":
-        from moetrt.runtime.ort_backend import read_engine_manifest
-
-        return open_ort_engine(engine_dir, read_engine_manifest(engine_dir))
-    raise MoetrtError(
-        f"{engine_dir / MANIFEST}: backend {manifest.get('backend')!r}; validate runs ONNX Runtime engines ('ort')"
-    )
+    backend_entry(manifest.get("backend"), f"{engine_dir / MANIFEST}: field 'backend'").require()
+    return open_backend_engine(engine_dir, manifest)

@@ -1,4 +1,4 @@
-"""Polygraphy runners for the two sides of a validation: the eager reference and the engine's graph.
+"""Polygraphy runners for the two sides of a validation: the eager reference and any registered backend.
 
 Both take the same feed dicts (input_ids, position_ids, past_key.{i}, past_value.{i}) and return outputs
 under the same names, so Polygraphy's Comparator pairs them by name:
@@ -22,14 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import torch
 from polygraphy.backend.base import BaseRunner
-from polygraphy.backend.onnxrt import OnnxrtRunner
 from polygraphy.common import TensorMetadata
 
 from moetrt import names as io
-from moetrt.errors import MoetrtError
+from moetrt.model.config import MixtralConfig
 from moetrt.model.mixtral import Mixtral
 from moetrt.names import moe_input, moe_output, router_logits
 from moetrt.runtime.backend import Backend
@@ -44,6 +42,23 @@ def layer_values(num_layers: int) -> list[str]:
 def to_numpy(t: torch.Tensor) -> np.ndarray:
     """A contiguous host array (Polygraphy's comparison views it); float32 for bfloat16, which numpy lacks."""
     return np.ascontiguousarray((t.float() if t.dtype == torch.bfloat16 else t).detach().cpu().numpy())
+
+
+def cache_dtype(dtype: str) -> np.dtype:
+    """The numpy dtype of the caches in feed dicts: the engine's, with bfloat16 carried as float32."""
+    return np.dtype({"float32": np.float32, "float16": np.float16, "bfloat16": np.float32}[dtype])
+
+
+def feed_metadata(config: MixtralConfig, max_seq_len: int, cache_dtype: np.dtype) -> TensorMetadata:
+    """The feed dicts' names, dtypes and shapes (moetrt.validate.inputs builds them): ids, positions, caches."""
+    meta = TensorMetadata()
+    meta.add(io.INPUT_IDS, np.int64, (None, None))
+    meta.add(io.POSITION_IDS, np.int64, (None, None))
+    shape = (None, config.num_key_value_heads, max_seq_len, config.head_dim)
+    for i in range(config.num_hidden_layers):
+        meta.add(io.past_key(i), cache_dtype, shape)
+        meta.add(io.past_value(i), cache_dtype, shape)
+    return meta
 
 
 class EagerRunner(BaseRunner):
@@ -70,16 +85,8 @@ class EagerRunner(BaseRunner):
         return hook
 
     def get_input_metadata_impl(self) -> TensorMetadata:
-        cfg = self.model.config
-        meta = TensorMetadata()
-        meta.add(io.INPUT_IDS, np.int64, (None, None))
-        meta.add(io.POSITION_IDS, np.int64, (None, None))
         cache_dtype = to_numpy(torch.zeros(0, dtype=self.model.embed_tokens.weight.dtype)).dtype
-        shape = (None, cfg.num_key_value_heads, self.max_seq_len, cfg.head_dim)
-        for i in range(cfg.num_hidden_layers):
-            meta.add(io.past_key(i), cache_dtype, shape)
-            meta.add(io.past_value(i), cache_dtype, shape)
-        return meta
+        return feed_metadata(self.model.config, self.max_seq_len, cache_dtype)
 
     @torch.inference_mode()
     def infer_impl(self, feed_dict: dict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
@@ -107,6 +114,52 @@ class EagerRunner(BaseRunner):
         del self._hooks, self._captured
 
 
+class BackendRunner(BaseRunner):
+    """Runs any registered backend (`moetrt.registry`) as a stateless graph: per feed dict, the feed's caches
+    are written into the backend's first slots (`Backend.set_kv_cache`), then one `step`; it returns the
+    logits, the step's new K/V read back from the buffers at its positions, and the per-layer values the
+    backend was asked for (`extras`). The backend is opened on the first feed for that feed's batch."""
+
+    def __init__(self, open_backend: Callable[[int], Backend], metadata: TensorMetadata, name: str = "engine"):
+        super().__init__(name=name)
+        self.open_backend = open_backend
+        self.metadata = metadata
+        self.backend: Backend | None = None
+
+    def activate_impl(self) -> None:
+        self.backend = None
+
+    def get_input_metadata_impl(self) -> TensorMetadata:
+        return self.metadata
+
+    def infer_impl(self, feed_dict: dict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
+        ids, pos = feed_dict[io.INPUT_IDS], feed_dict[io.POSITION_IDS]
+        b = ids.shape[0]
+        if self.backend is None or self.backend.max_batch < b:
+            self.deactivate_impl()
+            self.backend = self.open_backend(b)
+        backend = self.backend
+        layers = range(backend.config.num_hidden_layers)
+        for i in layers:
+            backend.set_kv_cache(i, feed_dict[io.past_key(i)], feed_dict[io.past_value(i)])
+        start = time.perf_counter()
+        logits = backend.step(ids, pos)
+        self.inference_time = time.perf_counter() - start
+        out = OrderedDict({io.LOGITS: logits})
+        at = pos[:, None, :, None]
+        for i in layers:
+            k, v = backend.kv_cache(i)
+            out[io.new_key(i)] = np.take_along_axis(k[:b], at, axis=2)
+            out[io.new_value(i)] = np.take_along_axis(v[:b], at, axis=2)
+        out.update(getattr(backend, "extras", {}))
+        return out
+
+    def deactivate_impl(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+        self.backend = None
+
+
 @dataclass
 class EngineUnderTest:
     """What validation needs from an engine: a stateless Polygraphy runner over its graph (feed dicts in,
@@ -128,25 +181,30 @@ def precision_of(manifest: dict[str, Any]) -> str:
     return {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[manifest["dtype"]]
 
 
-def open_ort_engine(engine_dir: Path, manifest: dict[str, Any]) -> EngineUnderTest:
-    """An ORT engine: its graph with the per-layer values it has declared as extra outputs, in a session
-    configured like the one it is served with (moetrt.runtime.ort_session), under Polygraphy's OnnxrtRunner."""
-    from moetrt.runtime.ort_session import add_graph_outputs, create_session
+def validation_values(manifest: dict[str, Any]) -> list[str]:
+    """The per-layer values to ask an engine for: every TopKMoE node's input and output (every export names
+    them), and its router logits when the engine's manifest lists them (ORT's router MatMul); without them
+    the routing check recomputes the logits from the engine's MoE inputs."""
+    layers = range(manifest["config"]["num_hidden_layers"])
+    has_logits = set(manifest.get("io", {}).get("router_logits", {}))
+    return [name(i) for i in layers for name in (moe_input, moe_output, router_logits)
+            if name is not router_logits or router_logits(i) in has_logits]  # fmt: skip
 
-    graph = onnx.load(str(engine_dir / "model.onnx"), load_external_data=False).graph
-    produced = {name for node in graph.node for name in node.output}
-    wanted = layer_values(manifest["config"]["num_hidden_layers"])
-    extras = [name for name in wanted if name in produced]
-    missing = [name for name in wanted if name not in produced and not name.endswith(".router_logits")]
-    if missing:
-        raise MoetrtError(f"{engine_dir / 'model.onnx'}: no value {missing[0]!r}; rebuild the engine from an export")
-    model = add_graph_outputs(engine_dir / "model.onnx", extras)
-    session = create_session(engine_dir, manifest.get("threads"), manifest.get("device", "cpu"), model=model)
+
+def open_backend_engine(engine_dir: Path, manifest: dict[str, Any]) -> EngineUnderTest:
+    """Any registered backend's engine: a `BackendRunner` over the backend opened with the per-layer values
+    validation compares, and a plain loader for the runtime pass."""
+    extras = validation_values(manifest)
+    config = MixtralConfig.from_dict(manifest["config"])
+    max_seq_len = int(manifest["max_seq_len"])
     return EngineUnderTest(
-        name=f"ort engine {engine_dir}",
+        name=f"{manifest['backend']} engine {engine_dir}",
         precision=precision_of(manifest),
         dtype=manifest["dtype"],
-        max_seq_len=int(manifest["max_seq_len"]),
-        runner=OnnxrtRunner(session, name="engine"),
+        max_seq_len=max_seq_len,
+        runner=BackendRunner(
+            lambda batch: load_backend(engine_dir, max_batch=batch, extra_outputs=extras),
+            feed_metadata(config, max_seq_len, cache_dtype(manifest["dtype"])),
+        ),
         load_backend=lambda max_batch: load_backend(engine_dir, max_batch=max_batch),
     )

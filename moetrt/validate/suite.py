@@ -25,13 +25,8 @@ from moetrt.runtime.generate import generate
 from moetrt.validate import checks
 from moetrt.validate.checks import CheckResult, Divergence, Outputs
 from moetrt.validate.inputs import Feed, Prompt, batches, decode_feed, prefill_feed
-from moetrt.validate.runners import EagerRunner, EngineUnderTest
+from moetrt.validate.runners import EagerRunner, EngineUnderTest, cache_dtype
 from moetrt.validate.tolerances import Tolerance
-
-
-def cache_dtype(dtype: str) -> np.dtype:
-    """The numpy dtype of the caches in feed dicts: the engine's, with bfloat16 carried as float32."""
-    return np.dtype({"float32": np.float32, "float16": np.float16, "bfloat16": np.float32}[dtype])
 
 
 def build_feeds(eager: EagerBackend, groups: Sequence[list[Prompt]], dtype: np.dtype) -> list[Feed]:
