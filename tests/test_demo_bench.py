@@ -3,6 +3,7 @@ cache in tmp). No timing thresholds: the machine may be shared; the benchmark's 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from moetrt.artifacts import read_manifest
+from moetrt.registry import TENSORRT_MISSING
 
 pytestmark = pytest.mark.slow
 
@@ -62,3 +64,10 @@ def test_bench_refuses_an_unknown_backend(cache: Path) -> None:
     proc = moetrt(cache, "bench", "--preset", "tiny", "--backends", "eager,onnx")
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: --backends 'eager,onnx'")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+def test_bench_trt_without_tensorrt_is_the_one_line_error(cache: Path) -> None:
+    proc = moetrt(cache, "bench", "--preset", "tiny", "--backends", "eager,trt")
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stderr.strip() == f"error: {TENSORRT_MISSING}"

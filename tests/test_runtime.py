@@ -29,6 +29,7 @@ from moetrt.runtime.eager_backend import EagerBackend
 from moetrt.runtime.engine import load_backend
 from moetrt.runtime.generate import generate, stream
 from moetrt.runtime.sampling import NUCLEUS_SEARCH, SamplingParams, sample
+from moetrt.validate import open_engine
 
 TINY = PRESETS["tiny"]
 CONFIGS = {
@@ -301,3 +302,6 @@ def test_trt_loader_takes_the_common_signature_up_to_tensorrt(tmp_path):
         with pytest.raises(MoetrtError) as err:
             load(engine, max_batch=2, threads=1, extra_outputs=())
         assert str(err.value) == TENSORRT_MISSING
+    with pytest.raises(MoetrtError) as err:  # validation opens it through the same registry entry
+        open_engine(engine, TINY)
+    assert str(err.value) == TENSORRT_MISSING
