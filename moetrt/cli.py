@@ -9,17 +9,21 @@ from __future__ import annotations
 import functools
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as RichProgress
 from rich.table import Table
 from rich.text import Text
 
 from moetrt.bench.prepare import bench_backends
 from moetrt.errors import MoetrtError
+from moetrt.progress import Progress
 from moetrt.registry import BACKENDS, backend_entry
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
@@ -44,6 +48,20 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(2) from None
 
     return app.command()(wrapper)
+
+
+@contextmanager
+def progress_bar() -> Iterator[Progress]:
+    """A `moetrt.progress.Progress` callback drawn as a transient bar on stderr (text shown literally)."""
+    columns = (TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(), TimeElapsedColumn())
+    stderr = Console(stderr=True)
+    with RichProgress(*columns, console=stderr, transient=True, disable=not stderr.is_terminal) as bar:
+        task = bar.add_task("", total=None)
+
+        def update(what: str, done: int, total: int) -> None:
+            bar.update(task, description=what, completed=done, total=total or None)
+
+        yield update
 
 
 def print_json(obj: Any) -> None:
@@ -106,8 +124,9 @@ def export(
     """Lower a checkpoint to ONNX: one moetrt::TopKMoE node per layer, static KV-cache I/O, external weights."""
     from moetrt.export import export_checkpoint
 
-    path = export_checkpoint(checkpoint_dir, output, max_seq_len=max_seq_len, max_batch=max_batch, dtype=dtype)
-    console.print(f"export written to [bold]{path}[/bold]")
+    with progress_bar() as progress:
+        path = export_checkpoint(checkpoint_dir, output, max_seq_len, max_batch, dtype, progress=progress)
+    console.print(Text.assemble("export written to ", (str(path), "bold")))
 
 
 @command
@@ -122,7 +141,8 @@ def build(
     device: Annotated[str | None, typer.Option(help="ort: cpu | cuda (needs onnxruntime-gpu)")] = None,
 ) -> None:
     """Build an ONNX Runtime or TensorRT engine from an export."""
-    path = backend_entry(backend, "--backend").build(export_dir, output, precision, threads, device)
+    with progress_bar() as progress:
+        path = backend_entry(backend, "--backend").build(export_dir, output, precision, threads, device, progress)
     console.print(Text.assemble(f"{backend} engine written to ", (str(path), "bold")))
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from moetrt.errors import MoetrtError
+from moetrt.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,8 @@ class BackendEntry:
 
     name         the manifest's `backend` field and the CLI's `--backend` value
     precisions   precision name -> the export dtype it is built from (e.g. "fp16" -> "float16")
-    builder      "module:function" with signature `(export_dir, output_dir, precision, threads, device) -> Path`
+    builder      "module:function" with signature
+                 `(export_dir, output_dir, precision, threads, device, progress) -> Path` (progress: moetrt.progress)
     loader       "module:class" whose `load(path, max_batch=None, threads=None, extra_outputs=())` opens an
                  engine directory (the `Backend` protocol)
     requirement  a module that must import for the backend to build or run, and the one-line error if not
@@ -73,11 +75,13 @@ class BackendEntry:
         precision: str | None = None,
         threads: int | None = None,
         device: str | None = None,
+        progress: Progress | None = None,
     ) -> Path:
         """Build an engine directory from an export (see the builder's docstring for what each argument means
         to it); MoetrtError for a precision this backend does not build."""
         precision = self.check_precision(precision or self.default_precision)
-        return _resolve(self.builder)(export_dir, output_dir, precision=precision, threads=threads, device=device)
+        build = _resolve(self.builder)
+        return build(export_dir, output_dir, precision=precision, threads=threads, device=device, progress=progress)
 
     def load(
         self,

@@ -47,7 +47,7 @@ BIG_EXPORT = textwrap.dedent(
     ckpt.mkdir()
     (ckpt / "config.json").write_text(json.dumps(PRESETS["mixtral-8x7b"].to_hf_dict()))
     start = time.time()
-    export_checkpoint(ckpt, out, weights=False, progress=False)
+    export_checkpoint(ckpt, out, weights=False)
     hwm_kb = int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1))
     print(json.dumps({"seconds": time.time() - start, "peak_rss": hwm_kb * 1024}))
     """
@@ -77,7 +77,7 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "tiny"
-    return export_checkpoint(checkpoint, out, max_seq_len=MAX_SEQ, max_batch=MAX_BATCH, progress=False)
+    return export_checkpoint(checkpoint, out, max_seq_len=MAX_SEQ, max_batch=MAX_BATCH)
 
 
 def moe_nodes(proto: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -188,7 +188,7 @@ def test_reference_function_matches_sparse_moe(top_k, normalize):
 def test_tied_embeddings_exported_as_bfloat16(tmp_path):
     config = dataclasses.replace(TINY, num_hidden_layers=1, tie_word_embeddings=True)
     ckpt = make_checkpoint(tmp_path / "ckpt", config, seed=1)
-    out = export_checkpoint(ckpt, tmp_path / "out", max_seq_len=16, dtype="bfloat16", progress=False)
+    out = export_checkpoint(ckpt, tmp_path / "out", max_seq_len=16, dtype="bfloat16")
     proto = onnx.load(out / "model.onnx")
     initializers = {t.name: t for t in proto.graph.initializer}
     assert set(initializers) == set(canonical_shapes(config))  # no lm_head.weight: it is embed_tokens.weight
@@ -218,27 +218,27 @@ def assert_no_output(out) -> None:
 def test_bad_inputs(checkpoint, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(MoetrtError) as excinfo:
-        export_checkpoint(checkpoint, out, dtype="int8", progress=False)
+        export_checkpoint(checkpoint, out, dtype="int8")
     assert_one_line_error(excinfo, "dtype", "int8")
     with pytest.raises(MoetrtError) as excinfo:
-        export_checkpoint(checkpoint, out, max_seq_len=TINY.max_position_embeddings + 1, progress=False)
+        export_checkpoint(checkpoint, out, max_seq_len=TINY.max_position_embeddings + 1)
     assert_one_line_error(excinfo, "max_seq_len", "max_position_embeddings")
     with pytest.raises(MoetrtError) as excinfo:
-        export_checkpoint(checkpoint, out, max_batch=0, progress=False)
+        export_checkpoint(checkpoint, out, max_batch=0)
     assert_one_line_error(excinfo, "max_batch")
     llama = tmp_path / "llama"
     llama.mkdir()
     (llama / "config.json").write_text(json.dumps({**TINY.to_hf_dict(), "architectures": ["LlamaForCausalLM"]}))
     with pytest.raises(MoetrtError) as excinfo:
-        export_checkpoint(llama, out, weights=False, progress=False)
+        export_checkpoint(llama, out, weights=False)
     assert_one_line_error(excinfo, "architectures", "Mixtral")
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     with pytest.raises(MoetrtError) as excinfo:
-        export_checkpoint(checkpoint, blocker / "out", progress=False)
+        export_checkpoint(checkpoint, blocker / "out")
     assert_one_line_error(excinfo, "cannot write")
     with pytest.raises(MoetrtError) as excinfo:
-        export_checkpoint(checkpoint, checkpoint.parent, progress=False)  # would replace the checkpoint's parent
+        export_checkpoint(checkpoint, checkpoint.parent)  # would replace the checkpoint's parent
     assert_one_line_error(excinfo, "not a moetrt artifact")
     assert_no_output(out)
 
@@ -250,7 +250,7 @@ def test_failure_leaves_no_partial_output(checkpoint, tmp_path, monkeypatch):
     monkeypatch.setattr("moetrt.export.exporter.trace", fail)
     out = tmp_path / "out"
     with pytest.raises(RuntimeError):
-        export_checkpoint(checkpoint, out, progress=False)
+        export_checkpoint(checkpoint, out)
     assert_no_output(out)
 
 

@@ -259,7 +259,7 @@ def exported(request, tmp_path_factory) -> Exported:
     root = tmp_path_factory.mktemp(f"ort-{request.param}")
     config = dataclasses.replace(PRESETS["tiny"], **VARIANTS[request.param])
     checkpoint = make_checkpoint(root / "ckpt", config, seed=3)
-    export = export_checkpoint(checkpoint, root / "export", max_seq_len=MAX_SEQ, max_batch=MAX_BATCH, progress=False)
+    export = export_checkpoint(checkpoint, root / "export", max_seq_len=MAX_SEQ, max_batch=MAX_BATCH)
     return Exported(request.param, checkpoint, export)
 
 
@@ -271,7 +271,7 @@ def engines(exported, tmp_path_factory):
 
     def get(precision: str):
         if precision not in built:
-            built[precision] = build_ort_engine(exported.export, root / precision, precision, threads=2, progress=False)
+            built[precision] = build_ort_engine(exported.export, root / precision, precision, threads=2)
         return built[precision]
 
     return get
@@ -457,12 +457,12 @@ def test_engine_of_another_model_is_refused(exported, engines, tmp_path):
 def test_build_errors(exported, tmp_path):
     export = exported.export
     with pytest.raises(MoetrtError, match="precision 'int2'"):
-        build_ort_engine(export, tmp_path / "e", precision="int2", progress=False)
+        build_ort_engine(export, tmp_path / "e", precision="int2")
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         with pytest.raises(MoetrtError, match="pip install onnxruntime-gpu"):
-            build_ort_engine(export, tmp_path / "e", device="cuda", progress=False)
+            build_ort_engine(export, tmp_path / "e", device="cuda")
     with pytest.raises(MoetrtError, match="must differ from the export"):
-        build_ort_engine(export, export, progress=False)
+        build_ort_engine(export, export)
     with pytest.raises(MoetrtError, match="expected a moetrt export"):
-        build_ort_engine(tmp_path, tmp_path / "e", progress=False)
+        build_ort_engine(tmp_path, tmp_path / "e")
     assert not (tmp_path / "e").exists()

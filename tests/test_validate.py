@@ -52,12 +52,12 @@ def checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def export_dir(checkpoint, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("validate") / "export"
-    return export_checkpoint(checkpoint, out, max_seq_len=MAX_SEQ, max_batch=2, progress=False)
+    return export_checkpoint(checkpoint, out, max_seq_len=MAX_SEQ, max_batch=2)
 
 
 @pytest.fixture(scope="module")
 def engine(export_dir, tmp_path_factory) -> Path:
-    return build_ort_engine(export_dir, tmp_path_factory.mktemp("validate") / "ort-fp32", progress=False)
+    return build_ort_engine(export_dir, tmp_path_factory.mktemp("validate") / "ort-fp32")
 
 
 def edited_engine(engine: Path, out: Path, edit: Callable[[onnx.GraphProto], None]) -> Path:

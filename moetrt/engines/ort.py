@@ -35,6 +35,7 @@ from moetrt.engines.ort_lowering import PRECISIONS, lower_topk_moe, moe_slices, 
 from moetrt.errors import MoetrtError
 from moetrt.fsutil import atomic_dir
 from moetrt.names import DATA_FILE, MODEL_FILE
+from moetrt.progress import Progress, silent
 
 
 def build_ort_engine(
@@ -43,7 +44,7 @@ def build_ort_engine(
     precision: str = "fp32",
     threads: int | None = None,
     device: str | None = None,
-    progress: bool = True,
+    progress: Progress | None = None,
 ) -> Path:
     """Lower the export in `export_dir` for ONNX Runtime and write the engine directory `output_dir`.
 
@@ -52,6 +53,7 @@ def build_ort_engine(
     threads: intra-op threads the engine is served with (None: ORT's default); fp32 experts are sliced for
         that many threads (ort_lowering.moe_slices; None: one slice per CPU).
     device: "cpu" (None) or "cuda" (needs onnxruntime-gpu; the same graph).
+    progress: called with (what, bytes written, bytes total) while the weights are written (moetrt.progress).
     Returns the engine directory.
     """
     export_dir, output_dir = Path(export_dir), Path(output_dir)
@@ -78,7 +80,7 @@ def build_ort_engine(
     fold_weight_transposes(model)
     quantized = [] if spec is None else quantize_linear_weights(model, spec, keep={router_matmul(p) for p in layers})
     with atomic_dir(output_dir) as tmp:
-        _save(model, tmp / MODEL_FILE, progress)
+        _save(model, tmp / MODEL_FILE, progress or silent)
         io = dict(export_manifest["io"])
         io["router_logits"] = {
             names.router_logits(layer): {"shape": [_tokens(io, layer), config.num_local_experts], "dtype": "float32"}
@@ -115,24 +117,18 @@ def _load_graph(path: Path) -> ir.Model:
         raise MoetrtError(f"{path}: not a readable ONNX model ({type(err).__name__}: {err})") from None
 
 
-def _save(model: ir.Model, path: Path, progress: bool) -> None:
+def _save(model: ir.Model, path: Path, progress: Progress) -> None:
     """Write the graph and stream its weights into model.onnx.data, one tensor at a time."""
-    from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+    total = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    done = [0]
 
-    sizes = [v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None]
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), disable=not progress, transient=True) as bar:
-        task = bar.add_task("writing weights", total=sum(sizes))
-        previous: list[int] = []
+    def on_tensor(tensor: ir.TensorProtocol, _info: Any) -> None:
+        # Called before each tensor is materialized and written: the bytes before it are done.
+        progress(f"writing {tensor.name}", done[0], total)
+        done[0] += tensor.nbytes
 
-        def on_tensor(tensor: ir.TensorProtocol, _info: Any) -> None:
-            # Called before each tensor is materialized and written: account for the one written before it.
-            bar.update(task, advance=previous.pop() if previous else 0, description=f"writing {tensor.name}")
-            previous.append(tensor.nbytes)
-
-        ir.save(model, path, external_data=DATA_FILE, callback=on_tensor)
-        bar.update(task, completed=sum(sizes))
+    ir.save(model, path, external_data=DATA_FILE, callback=on_tensor)
+    progress("weights written", total, total)
 
 
 def _tokens(io: dict[str, Any], layer: int) -> int | str:

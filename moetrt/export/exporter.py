@@ -13,13 +13,11 @@ have passed: a failed export leaves nothing behind.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import onnx
 import onnx_ir as ir
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 
 from moetrt.artifacts import carry_tokenizer, check_output_dir, write_manifest
 from moetrt.errors import MoetrtError
@@ -30,6 +28,7 @@ from moetrt.model.checkpoint import CheckpointReader, checkpoint_hash
 from moetrt.model.config import DTYPES, MixtralConfig
 from moetrt.names import DATA_FILE, MODEL_FILE
 from moetrt.plugins import contract
+from moetrt.progress import Progress, silent
 
 
 def export_checkpoint(
@@ -38,7 +37,7 @@ def export_checkpoint(
     max_seq_len: int | None = None,
     max_batch: int = 1,
     dtype: str | None = None,
-    progress: bool = True,
+    progress: Progress | None = None,
     weights: bool = True,
 ) -> Path:
     """Export `checkpoint_dir` to `output_dir` and return `output_dir`.
@@ -46,10 +45,12 @@ def export_checkpoint(
     max_seq_len: the KV caches' length (default: the config's max_position_embeddings).
     max_batch: the largest batch engines are built for (the graph's batch axis is symbolic).
     dtype: float32 | float16 | bfloat16 (default: the config's); logits and caches use it too.
+    progress: called with (what, bytes done, bytes total) while tracing and writing weights (moetrt.progress).
     weights: False writes the graph and manifest only (no model.onnx.data; needs just config.json) -
         for checking the graph of a model whose weights are not at hand.
     """
     checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
+    report = progress or silent
     with CheckpointReader(checkpoint_dir) if weights else nullcontext() as reader:
         config = reader.config if reader else MixtralConfig.from_pretrained(checkpoint_dir)
         dtype = dtype or config.dtype
@@ -59,18 +60,18 @@ def export_checkpoint(
         if reader:
             reader.validate()  # from the file headers: fail before the long trace, not after
         with atomic_dir(output_dir) as tmp:
-            with _status(progress, f"tracing {config.num_hidden_layers} layers on the meta device"):
-                model = trace(config, dtype, max_seq_len)
+            report(f"tracing {config.num_hidden_layers} layers on the meta device", 0, 0)
+            model = trace(config, dtype, max_seq_len)
             slots = place_external(model.graph)
             ir.save(model, tmp / MODEL_FILE)
             if reader:
-                with _progress_bar(progress) as bar:
-                    task = bar.add_task("weights", total=sum(length for _, length in slots.values()))
+                total, done = sum(length for _, length in slots.values()), [0]
 
-                    def advance(name: str, nbytes: int) -> None:
-                        bar.update(task, advance=nbytes, description=f"weights: {name}")
+                def advance(name: str, nbytes: int) -> None:
+                    done[0] += nbytes
+                    report(f"weights: {name}", done[0], total)
 
-                    write_weights(tmp / DATA_FILE, reader, slots, dtype, advance)
+                write_weights(tmp / DATA_FILE, reader, slots, dtype, advance)
                 check_model(tmp / MODEL_FILE)
             else:
                 with _sparse_placeholder(tmp / DATA_FILE, max(offset + n for offset, n in slots.values())):
@@ -88,15 +89,6 @@ def export_checkpoint(
             write_manifest(tmp, "export", body)
             carry_tokenizer(checkpoint_dir, tmp)
     return output_dir
-
-
-def _status(enabled: bool, message: str) -> AbstractContextManager:
-    return Console(stderr=True).status(message) if enabled else nullcontext()
-
-
-def _progress_bar(enabled: bool) -> Progress:
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn())
-    return Progress(*columns, console=Console(stderr=True), disable=not enabled)
 
 
 def _check_options(config: MixtralConfig, dtype: str, max_seq_len: int, max_batch: int) -> None:
