@@ -24,7 +24,7 @@ from rich.text import Text
 from moetrt.bench.prepare import bench_backends
 from moetrt.errors import MoetrtError
 from moetrt.progress import Progress
-from moetrt.registry import BACKENDS, backend_entry
+from moetrt.registry import BACKENDS, DEFAULT_BACKEND, backend_entry
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 console = Console()
@@ -133,7 +133,7 @@ def export(
 def build(
     export_dir: Annotated[Path, typer.Argument(help="directory written by `moetrt export`")],
     output: Annotated[Path, typer.Option("--output", "-o", help="engine directory to write")],
-    backend: Annotated[str, typer.Option(help=f"{' | '.join(BACKENDS)}")] = "ort",
+    backend: Annotated[str, typer.Option(help=f"{' | '.join(BACKENDS)}")] = DEFAULT_BACKEND,
     precision: Annotated[str | None, typer.Option(help=PRECISIONS_HELP)] = None,
     threads: Annotated[
         int | None, typer.Option(help="ort: serving threads; fp32 experts are sliced for them (default: all CPUs)")

@@ -26,7 +26,7 @@ from rich.table import Table
 from rich.text import Text
 
 from moetrt.cachedir import cache_root, preset_checkpoint
-from moetrt.registry import BACKENDS, BackendEntry
+from moetrt.registry import BACKENDS, DEFAULT_BACKEND, BackendEntry
 
 PRESET = "tiny"
 PROMPT = "Mixture-of-Experts language models route every token to"
@@ -45,14 +45,15 @@ class Step:
 
 def best_engine() -> tuple[BackendEntry, str]:
     """(backend, precision): the first registered GPU backend that can run here (TensorRT fp16 when tensorrt
-    imports and torch sees a CUDA GPU), else ORT fp32 on the CPU."""
+    imports and torch sees a CUDA GPU), else the default backend at its default precision (ORT fp32)."""
     for entry in BACKENDS.values():
         if entry.accelerator == "cuda" and entry.unavailable() is None:
             import torch
 
             if torch.cuda.is_available():
                 return entry, entry.default_precision
-    return BACKENDS["ort"], "fp32"
+    fallback = BACKENDS[DEFAULT_BACKEND]
+    return fallback, fallback.default_precision
 
 
 def run_demo(console: Console) -> bool:

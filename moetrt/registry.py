@@ -119,6 +119,9 @@ BACKENDS: dict[str, BackendEntry] = {
 }
 
 
+DEFAULT_BACKEND = "ort"  # runs on any CPU: what `moetrt build` builds and the demo falls back to
+
+
 def backend_entry(name: Any, where: str = "backend") -> BackendEntry:
     """The entry for `name`, or a one-line MoetrtError naming `where` the name came from and the choices."""
     if not isinstance(name, str) or name not in BACKENDS:
