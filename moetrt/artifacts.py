@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from typing import Any
 import moetrt
 from moetrt.errors import MoetrtError
 from moetrt.model.config import MixtralConfig
-from moetrt.names import MANIFEST, TOKENIZER
+from moetrt.names import MANIFEST, TEXT_FILES
 from moetrt.plugins import contract
 
 KINDS = ("export", "engine")
@@ -54,19 +55,22 @@ def write_manifest(directory: str | Path, kind: str, body: dict[str, Any]) -> di
     return manifest
 
 
-def read_manifest(directory: str | Path, kind: str) -> dict[str, Any]:
-    """The manifest of an artifact of `kind` made by this moetrt under this op contract, or a MoetrtError."""
+def read_manifest(directory: str | Path, kind: str | tuple[str, ...]) -> dict[str, Any]:
+    """The manifest of an artifact of `kind` (or one of several kinds) made by this moetrt under this op
+    contract, or a MoetrtError."""
     path = Path(directory) / MANIFEST
+    kinds = (kind,) if isinstance(kind, str) else kind
+    expected = " or ".join(repr(k) for k in kinds) or "no moetrt artifact"
     if not path.is_file():
-        raise MoetrtError(f"{path}: not found; expected a moetrt {kind} directory")
+        raise MoetrtError(f"{path}: not found; expected a moetrt {' or '.join(kinds)} directory")
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise MoetrtError(f"{path}: corrupt manifest ({err})") from None
     if not isinstance(manifest, dict):
         raise MoetrtError(f"{path}: corrupt manifest (expected a JSON object)")
-    if manifest.get("kind") != kind:
-        raise MoetrtError(f"{path}: this is a {manifest.get('kind')!r} artifact, expected {kind!r}")
+    if manifest.get("kind") not in kinds:
+        raise MoetrtError(f"{path}: this is a {manifest.get('kind')!r} artifact, expected {expected}")
     if manifest.get("moetrt_version") != moetrt.__version__:
         raise MoetrtError(
             f"{path}: written by moetrt {manifest.get('moetrt_version')}, this is moetrt {moetrt.__version__}; "
@@ -109,7 +113,38 @@ def artifact_hash(directory: str | Path) -> str:
 
 
 def carry_tokenizer(source_dir: str | Path, artifact_dir: str | Path) -> None:
-    """Copy the source's tokenizer.json (if it has one) so every artifact can turn text into ids on its own."""
-    source = Path(source_dir) / TOKENIZER
-    if source.is_file():
-        shutil.copyfile(source, Path(artifact_dir) / TOKENIZER)
+    """Copy the source's text files (`moetrt.names.TEXT_FILES`: tokenizer.json, tokenizer.model,
+    tokenizer_config.json, special_tokens_map.json, chat_template.jinja, generation_config.json; those it has)
+    so every artifact turns text into ids and back, renders chats and stops as its checkpoint does."""
+    for name in TEXT_FILES:
+        source = Path(source_dir) / name
+        if source.is_file():
+            shutil.copyfile(source, Path(artifact_dir) / name)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """What a directory holds, read once: a Hugging Face checkpoint (no manifest) or a moetrt artifact."""
+
+    path: Path
+    kind: str  # "checkpoint" | "export" | "engine"
+    config: MixtralConfig
+    manifest: dict[str, Any] | None  # None for a checkpoint
+
+
+def open_artifact(path: str | Path, kinds: tuple[str, ...] = ("engine", "checkpoint")) -> Artifact:
+    """Decide once what `path` is and read its config: an artifact of one of `kinds` (its manifest checked by
+    `read_manifest`), or a checkpoint (config.json, no manifest) when "checkpoint" is among `kinds`.
+    Raises MoetrtError (one line) otherwise."""
+    path = Path(path)
+    names = [
+        ("a Hugging Face checkpoint (config.json)" if k == "checkpoint" else f"an {k} ({MANIFEST})") for k in kinds
+    ]
+    if not path.is_dir():
+        raise MoetrtError(f"{path}: not a directory; expected {' or '.join(names)} directory")
+    if (path / MANIFEST).is_file():
+        manifest = read_manifest(path, tuple(kind for kind in kinds if kind != "checkpoint"))
+        return Artifact(path, manifest["kind"], manifest_config(manifest), manifest)
+    if "checkpoint" in kinds and (path / "config.json").is_file():
+        return Artifact(path, "checkpoint", MixtralConfig.from_pretrained(path), None)
+    raise MoetrtError(f"{path}: neither {' nor '.join(names)} directory")

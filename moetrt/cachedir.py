@@ -14,7 +14,7 @@ from moetrt.fsutil import atomic_dir
 from moetrt.model.checkpoint import CheckpointReader
 from moetrt.model.config import MixtralConfig, preset
 from moetrt.model.testing import make_checkpoint
-from moetrt.names import TOKENIZER
+from moetrt.names import TOKENIZER, TOKENIZER_CONFIG
 
 
 def cache_root() -> Path:
@@ -36,7 +36,7 @@ def preset_checkpoint(name: str, seed: int = 0) -> tuple[Path, bool]:
 
 
 def _intact(path: Path, config: MixtralConfig) -> bool:
-    if not (path / TOKENIZER).is_file():
+    if not (path / TOKENIZER).is_file() or not (path / TOKENIZER_CONFIG).is_file():
         return False
     try:
         with CheckpointReader(path) as reader:

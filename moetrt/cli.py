@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,8 +32,20 @@ console = Console()
 PRECISIONS_HELP = "; ".join(f"{name}: {' | '.join(entry.precisions)}" for name, entry in BACKENDS.items())
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        import moetrt
+
+        print(f"moetrt {moetrt.__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
     """Graph-compiled deployment of Mixtral-class sparse MoE models."""
 
 
@@ -62,6 +75,16 @@ def progress_bar() -> Iterator[Progress]:
             bar.update(task, description=what, completed=done, total=total or None)
 
         yield update
+
+
+CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def print_literal(text: str, style: str | None = None, end: str = "", out: Console | None = None) -> None:
+    """Print user, file or model text as it is: no rich markup, emoji codes or highlighting; control characters
+    (which a terminal would act on) are shown as escapes such as \\x1b."""
+    text = CONTROL_CHARS.sub(lambda m: repr(m.group())[1:-1], text)
+    (out or console).out(text, style=style, highlight=False, end=end)
 
 
 def print_json(obj: Any) -> None:
@@ -150,32 +173,63 @@ def build(
 def generate(
     engine_dir: Annotated[Path, typer.Argument(help="engine directory (or a checkpoint directory: eager)")],
     prompt: Annotated[list[str] | None, typer.Option(help="prompt text; repeat for a batch")] = None,
+    chat: Annotated[str | None, typer.Option(help="a user message, rendered with the model's chat template")] = None,
+    system: Annotated[str | None, typer.Option(help="a system message before --chat")] = None,
+    messages: Annotated[
+        Path | None, typer.Option(help='a JSON file of chat messages: [{"role": "user", "content": "..."}, ...]')
+    ] = None,
     token_ids: Annotated[list[str] | None, typer.Option(help="comma-separated ids; repeat for a batch")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="tokens to generate per row")] = 64,
-    temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
-    top_k: Annotated[int, typer.Option(help="0 = no top-k filter")] = 0,
-    top_p: Annotated[float, typer.Option(help="1 = no nucleus filter")] = 1.0,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(help="tokens to generate per row (default: generation_config.json's, else 64)")
+    ] = None,
+    temperature: Annotated[
+        float | None, typer.Option(help="0 = greedy (default: generation_config.json's; greedy unless do_sample)")
+    ] = None,
+    top_k: Annotated[int | None, typer.Option(help="0 = no top-k filter (default: generation_config.json's)")] = None,
+    top_p: Annotated[
+        float | None, typer.Option(help="1 = no nucleus filter (default: generation_config.json's)")
+    ] = None,
     seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
+    stop: Annotated[
+        list[str] | None, typer.Option(help="stop before this text (repeatable); it is not printed")
+    ] = None,
+    bos: Annotated[
+        bool | None, typer.Option("--bos/--no-bos", help="add BOS to --prompt (default: tokenizer_config.json's)")
+    ] = None,
     tokenizer: Annotated[
-        Path | None, typer.Option(help="directory with tokenizer.json (default: the engine's source checkpoint)")
+        Path | None,
+        typer.Option(help="directory with the tokenizer files (default: the engine's, from its checkpoint)"),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object instead of streaming")] = False,
 ) -> None:
-    """Generate from a prompt, streaming the text, then print prefill ms and decode tokens/s."""
-    from moetrt.runtime.textgen import run_generate
+    """Generate from a prompt or a chat message, streaming the text, then print prefill ms and decode tokens/s.
 
+    Stops at the model's end-of-sequence ids (generation_config.json), after --max-new-tokens, or before a
+    --stop text. Text typed in a prompt such as "</s>" is read as that special token, as transformers does."""
+    from moetrt.runtime.textgen import chat_messages, run_generate
+
+    conversation = chat_messages(chat, system, messages)
+    stream_one = not as_json and len(prompt or []) + len(token_ids or []) <= 1
+    if stream_one and prompt:
+        print_literal(prompt[0], style="dim")
     result = run_generate(
-        engine_dir, prompts=prompt or [], token_ids=token_ids or [], max_new_tokens=max_new_tokens,
-        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, tokenizer_dir=tokenizer,
-        stream_to=None if as_json else console,
+        engine_dir, prompts=prompt or [], token_ids=token_ids or [], messages=conversation,
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+        tokenizer_dir=tokenizer, add_bos=bos, stop=stop or [], on_text=print_literal if stream_one else None,
     )  # fmt: skip
     if as_json:
         print_json(result)
-    else:
-        console.print(
-            f"\n[dim]prefill {result['prefill_ms']:.1f} ms, first token {result['ttft_ms']:.1f} ms, "
-            f"decode {result['decode_tokens_per_s']:.1f} tokens/s ({result['backend']})[/dim]"
-        )
+        return
+    if not stream_one or result["text"] is None:
+        batch = isinstance(result["token_ids"][0], list)
+        tokens = result["token_ids"] if batch else [result["token_ids"]]
+        texts = result["text"] if batch else [result["text"]]
+        for i, row in enumerate(tokens):
+            print_literal(f"[{i}] " + (texts[i] if texts[0] is not None else ",".join(map(str, row))), end="\n")
+    console.print(
+        f"\n[dim]prefill {result['prefill_ms']:.1f} ms, first token {result['ttft_ms']:.1f} ms, "
+        f"decode {result['decode_tokens_per_s']:.1f} tokens/s ({result['backend']})[/dim]"
+    )
 
 
 @command

@@ -86,9 +86,13 @@ def run_demo(console: Console) -> bool:
     engine = step.artifact
 
     with _step(console, steps, "generate") as step:
+        from moetrt.cli import print_literal
         from moetrt.runtime.textgen import run_generate
 
-        result = run_generate(engine, prompts=[PROMPT], token_ids=[], max_new_tokens=NEW_TOKENS, stream_to=console)
+        print_literal(PROMPT, style="dim", out=console)
+        result = run_generate(
+            engine, prompts=[PROMPT], max_new_tokens=NEW_TOKENS, on_text=lambda text: print_literal(text, out=console)
+        )
         console.print("\n[dim](random weights: the text is noise; validation checks it is the eager model's noise)[/]")
         step.artifact = engine
         step.note = (f"{len(result['token_ids'])} tokens: prefill {result['prefill_ms']:.1f} ms, "

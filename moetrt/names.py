@@ -58,7 +58,14 @@ MANIFEST = "moetrt.json"  # every artifact directory's manifest (moetrt.artifact
 MODEL_FILE = "model.onnx"  # exports and ORT engines
 DATA_FILE = "model.onnx.data"  # their external weights
 ENGINE_FILE = "model.engine"  # a serialized TensorRT engine
-TOKENIZER = "tokenizer.json"  # the checkpoint's tokenizer, carried into every artifact
+TOKENIZER = "tokenizer.json"  # the checkpoint's tokenizer (Hugging Face `tokenizers`), carried into every artifact
+SENTENCEPIECE_MODEL = "tokenizer.model"  # the sentencepiece model it was converted from (Llama/Mistral checkpoints)
+TOKENIZER_CONFIG = "tokenizer_config.json"  # BOS/EOS adding, special tokens, chat_template (transformers' names)
+SPECIAL_TOKENS_MAP = "special_tokens_map.json"  # bos_token, eos_token, ... where tokenizer_config.json lacks them
+CHAT_TEMPLATE = "chat_template.jinja"  # the chat template as its own file (transformers >= 4.43 writes it)
+GENERATION_CONFIG = "generation_config.json"  # stop ids and sampling defaults (transformers' GenerationConfig)
+# What an artifact carries from its source so that it turns text into ids and back on its own.
+TEXT_FILES = (TOKENIZER, SENTENCEPIECE_MODEL, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP, CHAT_TEMPLATE, GENERATION_CONFIG)
 
 
 def layer_of(value_name: str) -> int:

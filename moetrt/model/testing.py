@@ -15,7 +15,7 @@ import torch
 from moetrt.model.checkpoint import canonical_shapes, save_checkpoint
 from moetrt.model.config import MixtralConfig
 from moetrt.model.mixtral import TORCH_DTYPES
-from moetrt.names import TOKENIZER
+from moetrt.names import SPECIAL_TOKENS_MAP, TOKENIZER, TOKENIZER_CONFIG
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
 
@@ -65,6 +65,17 @@ def train_tokenizer(vocab_size: int, path: Path) -> None:
     tok.save(str(path))
 
 
+def write_tokenizer_config(directory: Path) -> None:
+    """tokenizer_config.json and special_tokens_map.json as transformers writes them for a Llama-style tokenizer:
+    BOS added in front of every prompt, Mixtral's special tokens."""
+    import json
+
+    special = dict(zip(("unk_token", "bos_token", "eos_token"), SPECIAL_TOKENS, strict=True))
+    config = {"add_bos_token": True, "add_eos_token": False, **special, "tokenizer_class": "PreTrainedTokenizerFast"}
+    (directory / TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    (directory / SPECIAL_TOKENS_MAP).write_text(json.dumps(special, indent=2) + "\n")
+
+
 def make_checkpoint(
     out_dir: str | Path,
     config: MixtralConfig,
@@ -73,11 +84,13 @@ def make_checkpoint(
     fused: bool = False,
     max_shard_bytes: int = 2 * 1024**3,
 ) -> Path:
-    """Write a seeded-random checkpoint (config.json, safetensors, tokenizer.json) to `out_dir`."""
+    """Write a seeded-random checkpoint (config.json, safetensors, tokenizer.json, tokenizer_config.json,
+    special_tokens_map.json) to `out_dir`."""
     if config.vocab_size < 256 + len(SPECIAL_TOKENS):
         raise ValueError(f"vocab_size {config.vocab_size} is too small for a byte-level tokenizer (>= 259)")
     out = save_checkpoint(
         random_state(config, seed, std), config, out_dir, fused=fused, max_shard_bytes=max_shard_bytes
     )
     train_tokenizer(config.vocab_size, out / TOKENIZER)
+    write_tokenizer_config(out)
     return out

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from moetrt.artifacts import read_manifest
+from moetrt.artifacts import Artifact, open_artifact
 from moetrt.errors import MoetrtError
 from moetrt.names import MANIFEST
 from moetrt.registry import backend_entry
@@ -30,30 +30,40 @@ def load_backend(
     device: str | None = None,
 ) -> Backend:
     """Load an engine directory with the backend its manifest names (`moetrt.registry`), or a checkpoint
-    directory (config.json, no moetrt.json) as an `EagerBackend`.
+    directory (config.json, no moetrt.json) as an `EagerBackend`: `open_backend(open_artifact(path), ...)`."""
+    return open_backend(open_artifact(path), max_batch, threads, extra_outputs, max_seq_len, dtype, device)
+
+
+def open_backend(
+    artifact: Artifact,
+    max_batch: int | None = None,
+    threads: int | None = None,
+    extra_outputs: Sequence[str] = (),
+    max_seq_len: int | None = None,
+    dtype: str | None = None,
+    device: str | None = None,
+) -> Backend:
+    """The backend for an artifact opened by `moetrt.artifacts.open_artifact` (an engine or a checkpoint).
 
     max_batch (cache slots), threads and extra_outputs go to the backend's `load` (see `Backend.load`). For a
     checkpoint, max_batch defaults to 1, max_seq_len to the config's max_position_embeddings, dtype to the
     config's and device to "cpu"; an engine fixed its max_seq_len, precision and device when it was built,
     so passing any of those for an engine is refused rather than ignored. Raises MoetrtError (one line).
     """
-    path = Path(path)
-    if not path.is_dir():
-        raise MoetrtError(f"{path}: not a directory; expected an engine directory or a Hugging Face checkpoint")
-    if (path / MANIFEST).is_file():
+    path = artifact.path
+    if artifact.kind == "engine":
         fixed = {"max_seq_len": max_seq_len, "dtype": dtype, "device": device}
         given = [name for name, value in fixed.items() if value is not None]
         if given:
             raise MoetrtError(f"{path}: {', '.join(given)} apply to checkpoints; an engine fixes them when it is built")
-        manifest = read_manifest(path, "engine")
-        entry = backend_entry(manifest.get("backend"), f"{path / MANIFEST}: field 'backend'")
+        entry = backend_entry(artifact.manifest.get("backend"), f"{path / MANIFEST}: field 'backend'")
         entry.require()
         return entry.load(path, max_batch=max_batch, threads=threads, extra_outputs=extra_outputs)
-    if (path / "config.json").is_file():
+    if artifact.kind == "checkpoint":
         from moetrt.runtime.eager_backend import EagerBackend
 
         return EagerBackend.from_checkpoint(
             path, max_batch=max_batch or 1, max_seq_len=max_seq_len, dtype=dtype, device=device or "cpu",
             threads=threads, extra_outputs=extra_outputs,
         )  # fmt: skip
-    raise MoetrtError(f"{path}: neither an engine ({MANIFEST}) nor a Hugging Face checkpoint (config.json) directory")
+    raise MoetrtError(f"{path}: this is a {artifact.kind!r} artifact; expected an engine or a checkpoint")

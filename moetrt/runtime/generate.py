@@ -44,7 +44,7 @@ class StepEvent:
 @dataclass(frozen=True)
 class GenerationResult:
     tokens: list[list[int]]  # new tokens per row; a stop token that ended a row is included
-    finish_reasons: list[str]  # per row: "stop" (a stop token) or "length" (max_new_tokens reached)
+    finish_reasons: list[str]  # per row: "stop" (a stop token or `Generation.stop`) or "length" (max_new_tokens)
     prefill_ms: float  # the prefill step alone
     ttft_ms: float  # time to first token: input preparation, prefill and sampling of step 0
     decode_ms: float  # the decode steps (backend step, sampling, bookkeeping), excluding the consumer's time
@@ -103,6 +103,13 @@ class Generation:
             decode_steps=self.decode_steps,
             decode_tokens=self.decode_tokens,
         )
+
+    def stop(self, row: int) -> None:
+        """Finish `row` now with reason "stop" (its consumer found a stop string in its text), keeping its tokens
+        so far. The run ends once every row has finished."""
+        if row in self._active:
+            self.finish_reasons[row] = "stop"
+            self._active.remove(row)
 
     def _run(self) -> Iterator[StepEvent]:
         start = time.perf_counter()

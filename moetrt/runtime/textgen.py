@@ -1,24 +1,28 @@
 """Text in, text out: what `moetrt generate` does around the generation loop.
 
-Resolves prompts (text through the artifact's tokenizer.json, or explicit token ids), opens the backend,
-streams decoded text for a single prompt, and returns one JSON-ready result.
+One request is plain prompts (`--prompt`, BOS per the checkpoint unless `add_bos` overrides), a chat (`--chat`
+with an optional `--system`, or a messages JSON file; rendered with the checkpoint's chat template), or
+explicit token ids. Generation stops at the checkpoint's stop ids (generation_config.json, else config.json),
+after max_new_tokens (given, else generation_config.json's, else 64), or at a stop string. Each row's text is
+`decode(prompt + new)[len(decode(prompt)):]` cut before the first stop string; a single row is streamed
+through `on_text` as it is produced. Nothing here prints.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-
-from moetrt.artifacts import manifest_config, read_manifest
+from moetrt.artifacts import open_artifact
 from moetrt.errors import MoetrtError
-from moetrt.model.config import MixtralConfig
-from moetrt.model.tokenizer import Tokenizer
-from moetrt.names import MANIFEST, TOKENIZER
-from moetrt.runtime.engine import load_backend
 from moetrt.runtime.generate import stream
-from moetrt.runtime.sampling import SamplingParams
+from moetrt.runtime.generation_config import GenerationDefaults
+from moetrt.runtime.stops import StopMatcher
+from moetrt.runtime.text_model import TextModel, load_tokenizer
+
+DEFAULT_MAX_NEW_TOKENS = 64
 
 
 def parse_token_ids(rows: list[str]) -> list[list[int]]:
@@ -32,63 +36,105 @@ def parse_token_ids(rows: list[str]) -> list[list[int]]:
     return parsed
 
 
+def chat_messages(
+    chat: str | None, system: str | None, messages_file: str | Path | None
+) -> list[dict[str, str]] | None:
+    """The conversation of a request: [system?, user] from `--chat`/`--system`, or a JSON file holding a list
+    of {"role", "content"} objects (or {"messages": [...]}, the OpenAI request shape). None when neither."""
+    if messages_file is not None:
+        if chat is not None or system is not None:
+            raise MoetrtError("generate: give --messages FILE or --chat TEXT [--system TEXT], not both")
+        path = Path(messages_file)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise MoetrtError(f"{path}: not found; expected a JSON list of chat messages") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise MoetrtError(f"{path}: not valid JSON ({err})") from None
+        return data.get("messages") if isinstance(data, dict) else data
+    if chat is None:
+        if system is not None:
+            raise MoetrtError("generate: --system needs --chat TEXT")
+        return None
+    return ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": chat}]
+
+
 def run_generate(
     engine_dir: str | Path,
-    prompts: list[str],
-    token_ids: list[str],
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
+    prompts: Sequence[str] = (),
+    token_ids: Sequence[str] = (),
+    messages: list[dict[str, str]] | None = None,
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
     seed: int = 0,
     tokenizer_dir: str | Path | None = None,
-    stream_to: Console | None = None,
+    add_bos: bool | None = None,
+    stop: Sequence[str] = (),
+    on_text: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Generate for each prompt; with `stream_to` and a single text prompt, print text as it is produced."""
-    engine_dir = Path(engine_dir)
-    if bool(prompts) == bool(token_ids):
-        raise MoetrtError("generate: give --prompt TEXT or --token-ids 1,2,3 (either may repeat for a batch)")
-    sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
-    is_checkpoint = not (engine_dir / MANIFEST).is_file()
-    config = (
-        MixtralConfig.from_pretrained(engine_dir)
-        if is_checkpoint
-        else manifest_config(read_manifest(engine_dir, "engine"))
-    )
-    tokenizer = _tokenizer(Path(tokenizer_dir or engine_dir), config.bos_token_id, required=bool(prompts))
-    rows = [tokenizer.encode(text) for text in prompts] if prompts else parse_token_ids(token_ids)
-    options = {"max_batch": len(rows), "max_seq_len": max(map(len, rows)) + max_new_tokens} if is_checkpoint else {}
-    backend = load_backend(engine_dir, **options)
-    try:
-        run = stream(backend, rows, max_new_tokens, sampling, seed=seed)
-        decoder = tokenizer.stream() if tokenizer and stream_to and len(rows) == 1 else None
-        if decoder and prompts:
-            stream_to.print(prompts[0], end="", style="dim", highlight=False)
+    """Generate for each prompt (or the chat `messages`, or token-id rows) and return one JSON-ready result.
+
+    Sampling parameters left None come from the checkpoint's generation_config.json (greedy unless it says
+    do_sample). With one row and `on_text`, its text is passed to `on_text` piece by piece as it is produced
+    (never a split character, never any part of a stop string). Raises MoetrtError (one line)."""
+    given = [name for name, value in (("--prompt", prompts), ("--token-ids", token_ids), ("a chat", messages)) if value]
+    if len(given) != 1:
+        raise MoetrtError("generate: give one of --prompt TEXT, --token-ids 1,2,3 (either may repeat for a batch), "
+                          "--chat TEXT or --messages FILE")  # fmt: skip
+    artifact = open_artifact(engine_dir)
+    text_dir = Path(tokenizer_dir) if tokenizer_dir is not None else artifact.path
+    tokenizer = load_tokenizer(text_dir, required=bool(tokenizer_dir or prompts or messages or stop))
+    generation = GenerationDefaults.from_dir(text_dir, artifact.config)
+    sampling = generation.sampling(temperature, top_k, top_p)
+    max_new_tokens = max_new_tokens or generation.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+    if messages:
+        rows = [tokenizer.encode_chat(messages)]
+    elif prompts:
+        rows = [tokenizer.encode(text, add_bos=add_bos) for text in prompts]
+    else:
+        rows = parse_token_ids(list(token_ids))
+    matchers = [StopMatcher(stop) for _ in rows]
+    options: dict[str, Any] = {}
+    if artifact.kind == "checkpoint":  # size the eager KV cache for this request, not max_position_embeddings
+        options = {"max_batch": len(rows), "max_seq_len": max(map(len, rows)) + max_new_tokens}
+    with TextModel.open(artifact, tokenizer_dir=tokenizer_dir, tokenizer=tokenizer, **options) as model:
+        run = stream(model.backend, rows, max_new_tokens, sampling, stop_token_ids=model.stop_token_ids, seed=seed)
+        detokenizers = [model.detokenizer(row) for row in rows] if tokenizer else []
+        pieces: list[list[str]] = [[] for _ in rows]
         for event in run:
-            if decoder and event.tokens[0] is not None:
-                stream_to.print(decoder.push(event.tokens[0]), end="", highlight=False, markup=False)
+            for row, detok in enumerate(detokenizers):
+                token = event.tokens[row]
+                if token is None or matchers[row].matched is not None:
+                    continue
+                piece = matchers[row].push(detok.push(token))
+                if matchers[row].matched is not None:
+                    run.stop(row)
+                pieces[row].append(piece)
+                if on_text and piece and len(rows) == 1:
+                    on_text(piece)
         result = run.result()
-    finally:
-        backend.close()
-    texts = [tokenizer.decode(tokens) for tokens in result.tokens] if tokenizer else None
-    if stream_to and not decoder:
-        for i, tokens in enumerate(result.tokens):
-            stream_to.print(f"[{i}] " + (texts[i] if texts else ",".join(map(str, tokens))), highlight=False)
+        backend_name = model.backend.name
+    for row, matcher in enumerate(matchers[: len(detokenizers)]):
+        tail = matcher.flush()
+        pieces[row].append(tail)
+        if on_text and tail and len(rows) == 1:
+            on_text(tail)
+    texts = ["".join(p) for p in pieces] if tokenizer else None
     batch = len(rows) > 1
     return {
-        "backend": backend.name,
+        "backend": backend_name,
         "prompt_token_ids": rows if batch else rows[0],
         "token_ids": result.tokens if batch else result.tokens[0],
         "text": (texts if batch else texts[0]) if texts else None,
-        "finish_reasons": result.finish_reasons,
+        "finish_reasons": [
+            "stop" if matcher.matched is not None else reason
+            for matcher, reason in zip(matchers, result.finish_reasons, strict=True)
+        ],
+        "sampling": {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p},
+        "stop_token_ids": sorted(generation.stop_token_ids),
         "prefill_ms": result.prefill_ms,
         "ttft_ms": result.ttft_ms,
         "decode_tokens_per_s": result.decode_tokens_per_s,
     }
-
-
-def _tokenizer(directory: Path, bos_token_id: int | None, required: bool) -> Tokenizer | None:
-    """The artifact's tokenizer; optional when the user gave token ids (the output is then ids too)."""
-    if not (directory / TOKENIZER).is_file() and not required:
-        return None
-    return Tokenizer.from_dir(directory, bos_token_id=bos_token_id)

@@ -55,7 +55,7 @@ def load_prompts(
         path = Path(prompts_file)
         if not path.is_file():
             raise MoetrtError(f"{path}: prompts file not found; expected one prompt per line")
-        tokenizer = Tokenizer.from_dir(checkpoint_dir, bos_token_id=config.bos_token_id)
+        tokenizer = Tokenizer.from_dir(checkpoint_dir)
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if line.strip():
                 prompts.append(Prompt(f"file line {number}", tokenizer.encode(line)))
