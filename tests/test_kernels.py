@@ -121,6 +121,18 @@ def test_route_tie_rule_higher_index_first(top_k):
     torch.testing.assert_close(weights, torch.full_like(weights, 1.0 / top_k))
 
 
+@pytest.mark.parametrize("experts,top_k", [(4, 2), (8, 2), (8, 3)])
+def test_route_all_tied(experts, top_k):
+    """A zeroed router ties every expert: the kernel takes the k highest indices, as `mixtral.route` does."""
+    hidden, router, *_ = make_layer(16, experts, torch.float32, seed=3)
+    router.zero_()
+    ids, weights = route(hidden, router, geometry.MoeDims(H, F, experts, top_k))
+    expected = torch.arange(experts - 1, experts - 1 - top_k, -1, dtype=torch.int32, device=DEVICE)
+    assert torch.equal(ids, expected.expand(16, top_k))
+    assert torch.equal(ids, route_reference(hidden, router, top_k, True)[0])
+    torch.testing.assert_close(weights, torch.full_like(weights, 1.0 / top_k))
+
+
 def skewed_layer(t: int, e: int, dtype: torch.dtype, logit_bias: list[float]):
     """A layer whose hidden[:, 0] is large and positive, so router_weight[:, 0] = logit_bias steers routing."""
     hidden, router, w1, w3, w2 = make_layer(t, e, dtype, seed=5)
