@@ -49,7 +49,7 @@ def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
 def bench_dtype(dtype_name: str, tokens: list[int], h: int, f: int, e: int, k: int, bandwidth: float) -> list[dict]:
     """Rows of one dtype; the layer's weights (2.8 GB at Mixtral-8x7B sizes) are freed on return."""
     from moetrt.plugins.kernels.fused import fused_topk_moe
-    from moetrt.plugins.kernels.routing import route_reference
+    from moetrt.model.mixtral import route
 
     dtype = TORCH_DTYPES[dtype_name]
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -64,7 +64,7 @@ def bench_dtype(dtype_name: str, tokens: list[int], h: int, f: int, e: int, k: i
         x = rand(1.0, t, h)
         fused = functools.partial(fused_topk_moe, x, *weights, k)
         eager = functools.partial(sparse_moe, x, *weights, k)
-        ids, _ = route_reference(x, weights[0], k, True)
+        ids, _ = route(x @ weights[0].t(), k)
         selected = int(torch.unique(ids).numel())
         bound_ms = (selected * 3 * f * h + e * h) * itemsize / bandwidth / 1e6
         fused_ms, eager_ms = time_ms(fused), time_ms(eager)

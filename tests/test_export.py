@@ -162,11 +162,15 @@ def test_ort_matches_eager_prefill_then_decode(exported, checkpoint):
                 ort_cache[f"past_{kind}.{i}"][:, :, pos[0].numpy()] = new  # rows share positions here
 
 
-@pytest.mark.parametrize(("top_k", "normalize"), [(1, True), (2, True), (3, False)])
-def test_reference_function_matches_sparse_moe(top_k, normalize):
+@pytest.mark.parametrize(("top_k", "normalize", "zero_router"), [(1, True, False), (2, True, False),
+                                                               (3, False, False), (1, True, True), (2, True, True)])
+def test_reference_function_matches_sparse_moe(top_k, normalize, zero_router):
+    """Including a zeroed router: every expert exactly tied, which the contract breaks to the higher index."""
     t, h, f, e = 9, 16, 24, 4
     gen = torch.Generator().manual_seed(top_k)
     args = [torch.randn(s, generator=gen) for s in ((t, h), (e, h), (e, f, h), (e, f, h), (e, h, f))]
+    if zero_router:
+        args[1].zero_()
     feeds = dict(zip(contract.INPUTS, args, strict=True))
     node = helper.make_node(
         contract.OP_TYPE, list(contract.INPUTS), ["output"], domain=contract.DOMAIN,

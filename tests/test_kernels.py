@@ -26,6 +26,7 @@ if not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
+from moetrt.model import mixtral  # noqa: E402
 from moetrt.model.mixtral import sparse_moe  # noqa: E402
 from moetrt.plugins.kernels import geometry  # noqa: E402
 from moetrt.plugins.kernels.align import align, align_reference  # noqa: E402
@@ -37,7 +38,7 @@ from moetrt.plugins.kernels.expert_gemm import (  # noqa: E402
     expert_gemm2_reference,
 )
 from moetrt.plugins.kernels.fused import fused_topk_moe, moe_dims  # noqa: E402
-from moetrt.plugins.kernels.routing import route, route_kernel, route_reference  # noqa: E402
+from moetrt.plugins.kernels.routing import route, route_kernel  # noqa: E402
 
 if not CUDA and not isinstance(route_kernel, InterpretedFunction):
     pytest.skip("the kernels were imported (compiled mode) before TRITON_INTERPRET was set", allow_module_level=True)
@@ -45,6 +46,12 @@ if not CUDA and not isinstance(route_kernel, InterpretedFunction):
 DEVICE = "cuda" if CUDA else "cpu"
 H, F = 32, 64  # small: the interpreter executes every program in Python
 TOLERANCE = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def route_reference(hidden: torch.Tensor, router: torch.Tensor, top_k: int, normalize: bool):
+    """The contract's routing (`moetrt.model.mixtral.route`) with int32 ids, as the kernel returns them."""
+    ids, weights = mixtral.route(hidden @ router.t(), top_k, normalize)
+    return ids.to(torch.int32), weights
 
 
 def make_layer(t: int, e: int, dtype: torch.dtype, seed: int = 0, h: int = H, f: int = F,
@@ -97,8 +104,8 @@ def test_route_matches_reference(normalize):
 
 
 @pytest.mark.parametrize("top_k", [1, 2, 3])
-def test_route_tie_rule_lower_index_first(top_k):
-    """Experts 1, 3 and 6 get identical logits that beat the others by >= 34: the lower index comes first.
+def test_route_tie_rule_higher_index_first(top_k):
+    """Experts 1, 3 and 6 get identical logits that beat the others by >= 34: the higher index comes first.
     Small integers make every logit exact in any summation order, so the tie is exact on any backend."""
     gen = torch.Generator().manual_seed(2)
     hidden = torch.randint(-1, 2, (16, H), generator=gen).float()
@@ -108,8 +115,20 @@ def test_route_tie_rule_lower_index_first(top_k):
     router[[1, 3, 6], 0] = 5.0
     hidden, router = hidden.to(DEVICE), router.to(DEVICE)
     ids, weights = route(hidden, router, geometry.MoeDims(H, F, 8, top_k))
-    expected = torch.tensor([1, 3, 6][:top_k], dtype=torch.int32, device=DEVICE).expand(16, top_k)
+    expected = torch.tensor([6, 3, 1][:top_k], dtype=torch.int32, device=DEVICE).expand(16, top_k)
     assert torch.equal(ids, expected)
+    assert torch.equal(ids, route_reference(hidden, router, top_k, True)[0])
+    torch.testing.assert_close(weights, torch.full_like(weights, 1.0 / top_k))
+
+
+@pytest.mark.parametrize("experts,top_k", [(4, 2), (8, 2), (8, 3)])
+def test_route_all_tied(experts, top_k):
+    """A zeroed router ties every expert: the kernel takes the k highest indices, as `mixtral.route` does."""
+    hidden, router, *_ = make_layer(16, experts, torch.float32, seed=3)
+    router.zero_()
+    ids, weights = route(hidden, router, geometry.MoeDims(H, F, experts, top_k))
+    expected = torch.arange(experts - 1, experts - 1 - top_k, -1, dtype=torch.int32, device=DEVICE)
+    assert torch.equal(ids, expected.expand(16, top_k))
     assert torch.equal(ids, route_reference(hidden, router, top_k, True)[0])
     torch.testing.assert_close(weights, torch.full_like(weights, 1.0 / top_k))
 

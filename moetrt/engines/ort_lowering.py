@@ -11,8 +11,7 @@ activation_type="swiglu" with swiglu_fusion=1: fc1 [E, 2F, H] holds w1 and w3 ro
 activation_beta=0 with no swiglu_limit make the kernel's SwiGLU exactly silu(w1 x) * (w3 x).
 ORT accepts other layouts (gate|up concatenated, [E, H, N]) without complaint and returns wrong numbers,
 so tests/test_ort_engine.py checks this lowering against `sparse_moe` and shows the wrong ones fail.
-Tie rule: ORT picks the higher expert index among exactly equal probabilities (the contract's is the
-lower); validation classifies such flips by the eager margin.
+Tie rule: ORT picks the higher expert index among exactly equal probabilities, as the contract does.
 
 Slices (fp32): ORT's CPU MoE splits the EXPERTS between its threads in contiguous index ranges and runs each
 expert's GEMMs single-threaded, so at decode (one token, k experts) the work is balanced only when the k
@@ -23,8 +22,10 @@ have equal probabilities, so the top S*k are exactly the S slices of the top k; 
 weight is 1/S of the expert's, which the fc2 scale by S undoes (exact for S a power of two); SwiGLU is
 elementwise in F and fc2 linear in it, so the slices sum to the expert. Thread t then owns slice t of every
 expert: one token's work splits evenly. Mid preset fp32 engine, 2 threads (`benchmarks/profile_ort.py`, two
-runs each): MoE 30.7 -> 26.4 ms of a decode step, prefill MoE 760 -> 751 ms. The one difference: among
-EXACTLY tied experts at the k-th place a slice of each may be chosen.
+runs each): MoE 30.7 -> 26.4 ms of a decode step, prefill MoE 760 -> 751 ms. The one deviation from the
+contract: among experts EXACTLY tied at the k-th place, ORT's higher-index-first order interleaves the
+copies (slice S-1 of every tied expert outranks slice 0 of any), so a slice of each may be chosen; no copy
+layout that keeps the thread balance avoids it. A checkpoint with exact router ties needs `--threads 1`.
 QMoE parallelizes inside each expert already (no gain measured), so quantized engines are not sliced.
 
 New weights are `onnx_ir.LazyTensor`s computed from the (memory-mapped) export weights when the engine is

@@ -33,6 +33,30 @@ MoEFunction = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, int, bool], Tens
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def rank_experts(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """The contract's ranking of every expert (moetrt/plugins/contract.py, Semantics): logits [T, E] in any
+    float dtype -> (p [T, E] fp32 softmax probabilities in descending order, experts [T, E] int64).
+
+    Tie rule: among exactly equal probabilities the HIGHER expert index ranks first, as ONNX Runtime's MoE /
+    QMoE kernels order their (probability, index) pairs with std::greater. A stable descending sort of the
+    experts in reverse index order gives exactly that (torch.topk's tie order is unspecified on CPU).
+    """
+    probs = torch.softmax(logits.float(), dim=-1)
+    ordered, order = torch.sort(probs.flip(-1), dim=-1, descending=True, stable=True)
+    return ordered, probs.shape[-1] - 1 - order
+
+
+def route(logits: Tensor, top_k: int, normalize: bool = True) -> tuple[Tensor, Tensor]:
+    """Router logits [T, E] -> (experts [T, k] int64 in rank order, weights [T, k] fp32): the top-k of
+    `rank_experts`, renormalised to sum 1 when `normalize`. The one routing function every moetrt
+    implementation and check is compared against."""
+    ordered, experts = rank_experts(logits)
+    weights, experts = ordered[:, :top_k], experts[:, :top_k]
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return experts, weights
+
+
 def sparse_moe(
     hidden: Tensor,
     router_weight: Tensor,
@@ -45,17 +69,11 @@ def sparse_moe(
     """The TopKMoE op (contract: moetrt/plugins/contract.py), written plainly.
 
     hidden [T, H]; router_weight [E, H]; w1, w3 [E, F, H]; w2 [E, H, F] -> [T, H].
-    logits = hidden @ router_weight^T (model dtype); p = softmax(fp32 logits); top-k of p (ties: the lower
-    expert index wins, via a stable sort; torch.topk's tie order is unspecified); weights renormalised
-    to sum 1 when `normalize`;
+    logits = hidden @ router_weight^T (model dtype); experts and weights from `route` (fp32 softmax, top-k,
+    ties to the higher expert index, renormalisation);
     out = sum_j weight_j * w2[e_j] (silu(w1[e_j] x) * (w3[e_j] x)), accumulated in fp32.
     """
-    logits = hidden @ router_weight.t()
-    probs = torch.softmax(logits.float(), dim=-1)
-    sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
-    weights, experts = sorted_probs[:, :top_k], order[:, :top_k]
-    if normalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+    experts, weights = route(hidden @ router_weight.t(), top_k, normalize)
     out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     for e in range(router_weight.shape[0]):
         rows, slot = torch.where(experts == e)

@@ -34,8 +34,13 @@ holds the keys and values of every past token so that decoding one more token is
 """
 
 
-def random_state(config: MixtralConfig, seed: int = 0, std: float = 0.2) -> dict[str, torch.Tensor]:
-    """Canonical tensors with N(0, std) weights and N(1, 0.1) norm scales, reproducible from `seed`."""
+def random_state(
+    config: MixtralConfig, seed: int = 0, std: float = 0.2, zero_router: bool = False
+) -> dict[str, torch.Tensor]:
+    """Canonical tensors with N(0, std) weights and N(1, 0.1) norm scales, reproducible from `seed`.
+
+    `zero_router` zeroes every router weight: every token's experts are then exactly tied, and the op
+    contract's tie rule alone decides the routing (moetrt/plugins/contract.py)."""
     gen = torch.Generator().manual_seed(seed)
     dtype = TORCH_DTYPES[config.dtype]
     state = {}
@@ -44,6 +49,8 @@ def random_state(config: MixtralConfig, seed: int = 0, std: float = 0.2) -> dict
             t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
         else:
             t = std * torch.randn(shape, generator=gen)
+        if zero_router and name.endswith("block_sparse_moe.gate.weight"):
+            t = torch.zeros(shape)
         state[name] = t.to(dtype)
     return state
 
@@ -83,13 +90,14 @@ def make_checkpoint(
     std: float = 0.2,
     fused: bool = False,
     max_shard_bytes: int = 2 * 1024**3,
+    zero_router: bool = False,
 ) -> Path:
     """Write a seeded-random checkpoint (config.json, safetensors, tokenizer.json, tokenizer_config.json,
-    special_tokens_map.json) to `out_dir`."""
+    special_tokens_map.json) to `out_dir` (`random_state` for `std` and `zero_router`)."""
     if config.vocab_size < 256 + len(SPECIAL_TOKENS):
         raise ValueError(f"vocab_size {config.vocab_size} is too small for a byte-level tokenizer (>= 259)")
     out = save_checkpoint(
-        random_state(config, seed, std), config, out_dir, fused=fused, max_shard_bytes=max_shard_bytes
+        random_state(config, seed, std, zero_router), config, out_dir, fused=fused, max_shard_bytes=max_shard_bytes
     )
     train_tokenizer(config.vocab_size, out / TOKENIZER)
     write_tokenizer_config(out)

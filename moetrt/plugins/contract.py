@@ -26,16 +26,23 @@ Attributes
 Semantics, for each row x of `hidden`
     logits  = x @ router_weight^T                          (in D)
     p       = softmax(float32(logits)) over all E experts   (fp32)
-    (e_1..e_k, p_1..p_k) = the k largest p, in descending order; TIE RULE: among equal probabilities the
-              lower expert index comes first (a stable descending sort). ONNX Runtime's MoE kernel prefers
-              the higher index; exact ties have measure zero on real activations, and the validation suite
-              classifies any routing flip by the eager margin between the k-th and (k+1)-th expert.
+    (e_1..e_k, p_1..p_k) = the k largest p, in descending order; TIE RULE: among exactly equal
+              probabilities the HIGHER expert index comes first (descending order of the pairs (p, e)).
+              Why this rule: ONNX Runtime's CPU MoE / QMoE kernels order (probability, index) pairs with
+              std::greater and cannot be told otherwise, and no rule matches transformers'
+              MixtralForCausalLM, whose torch.topk breaks CPU ties in no documented order (torch 2.13:
+              topk(zeros(4), 2) -> [2, 3], topk(zeros(8), 2) -> [6, 5]). Exact ties need equal router
+              logits (a zeroed or duplicated router row); validation reports how many tokens had one.
+              Reference: `moetrt.model.mixtral.route`; ONNX Runtime follows the rule except fp32 engines whose
+              experts are sliced for threads (moetrt/engines/ort_lowering.py), where experts tied exactly
+              at the k-th place may each contribute a slice - the validation suite's layers check names it.
     w_j     = p_j / sum(p_1..p_k) if normalize else p_j     (fp32)
     y_j     = w2[e_j] @ (silu(w1[e_j] @ x) * (w3[e_j] @ x))  (products in D, fp32 accumulation allowed)
     output  = D(sum_j w_j * y_j), the sum accumulated in fp32.
 
 Version
-    CONTRACT_VERSION is recorded in every artifact manifest; bump it when anything above changes.
+    CONTRACT_VERSION is recorded in every artifact manifest; bump it when anything above changes
+    (2: ties to the higher expert index, was the lower).
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ from typing import Any
 
 DOMAIN = "moetrt"
 OP_TYPE = "TopKMoE"
-CONTRACT_VERSION = 1
+CONTRACT_VERSION = 2
 INPUTS = ("hidden", "router_weight", "w1", "w3", "w2")
 OUTPUTS = ("output",)
 PLUGIN_NAMESPACE = "moetrt"

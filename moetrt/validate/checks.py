@@ -21,7 +21,7 @@ from polygraphy.comparator.struct import IterationResult
 from polygraphy.logger import G_LOGGER
 
 from moetrt import names as io
-from moetrt.model.mixtral import Mixtral, sparse_moe
+from moetrt.model.mixtral import Mixtral, rank_experts, sparse_moe
 from moetrt.names import moe_input, moe_output, router_logits
 from moetrt.validate.inputs import Feed
 from moetrt.validate.runners import to_numpy
@@ -32,12 +32,14 @@ Outputs = dict[str, np.ndarray]
 
 @dataclass(frozen=True)
 class Error:
-    """One output's agreement over a run: max |engine - eager| against `rel_tolerance * scale`."""
+    """One output's agreement over a run: max |engine - eager| against `rel_tolerance * scale`, over `compared`
+    values. Nothing compared (every token left out) is not a pass: `passed` is then False."""
 
     max_abs: float
     scale: float  # max |eager| over the run
     rel_tolerance: float
     passed: bool
+    compared: int = 0  # how many values were compared
 
     @property
     def rel(self) -> float:
@@ -51,6 +53,7 @@ class Error:
         return {k: v if math.isfinite(v) else None for k, v in finite.items()} | {
             "rel_tolerance": self.rel_tolerance,
             "passed": self.passed,
+            "compared": self.compared,
         }
 
 
@@ -71,9 +74,13 @@ class CheckResult:
 
 
 def compare(run_results: RunResults, names: Sequence[str], rel_tolerance: Callable[[str], float]) -> dict[str, Error]:
-    """Compare the outputs `names` of a two-runner RunResults (eager first) with Polygraphy, over all iterations."""
+    """Compare the outputs `names` of a two-runner RunResults (eager first) with Polygraphy, over all iterations.
+
+    An iteration without a name (`run_results` drops empty arrays) compares nothing for it; a name compared in
+    no iteration at all gets a failing Error with `compared` 0."""
     (_, reference), _ = run_results.items()
-    scale = {name: max(float(np.abs(it[name]).max(initial=0.0)) for it in reference) for name in names}
+    scale = {name: max((float(np.abs(it[name]).max()) for it in reference if name in it), default=0.0)
+             for name in names}  # fmt: skip
     atol = {name: rel_tolerance(name) * scale[name] for name in names}
     func = SimpleCompareFunc(
         check_shapes=True,
@@ -87,13 +94,17 @@ def compare(run_results: RunResults, names: Sequence[str], rel_tolerance: Callab
     (iterations,) = accuracy[0].values()
     errors = {}
     for name in names:
+        present = [it[name] for it in reference if name in it]
         results = [it[name] for it in iterations if name in it]
-        if len(results) != len(reference):  # missing from the engine's outputs
-            errors[name] = Error(math.inf, scale[name], rel_tolerance(name), False)
-            continue
-        # A shape mismatch comes back as a bare False instead of an OutputCompareResult.
-        max_abs = max(getattr(r, "max_absdiff", math.inf) for r in results)
-        errors[name] = Error(max_abs, scale[name], rel_tolerance(name), all(bool(r) for r in results))
+        compared = sum(a.size for a in present)
+        if not present:
+            errors[name] = Error(0.0, 0.0, rel_tolerance(name), False, 0)
+        elif len(results) != len(present):  # missing from the engine's outputs
+            errors[name] = Error(math.inf, scale[name], rel_tolerance(name), False, compared)
+        else:
+            # A shape mismatch comes back as a bare False instead of an OutputCompareResult.
+            max_abs = max(getattr(r, "max_absdiff", math.inf) for r in results)
+            errors[name] = Error(max_abs, scale[name], rel_tolerance(name), all(bool(r) for r in results), compared)
     return errors
 
 
@@ -101,10 +112,13 @@ def run_results(reference: Sequence[Outputs], engine: Sequence[Outputs], names: 
     """Wrap recorded outputs (one dict per iteration) as Polygraphy RunResults, to `compare` them.
 
     Arrays are made contiguous: Polygraphy's comparison views them, and masked or transposed slices are not.
+    An output whose eager array is empty (every token of it left out) is dropped from both sides of that
+    iteration: Polygraphy would average an empty slice.
     """
     results = RunResults()
     for runner, outputs in zip(names, (reference, engine), strict=True):
-        iterations = [{name: np.ascontiguousarray(a) for name, a in it.items()} for it in outputs]
+        iterations = [{name: np.ascontiguousarray(a) for name, a in it.items() if eager.get(name, a).size}
+                      for it, eager in zip(outputs, reference, strict=True)]  # fmt: skip
         results.append((runner, [IterationResult(it, runner_name=runner) for it in iterations]))
     return results
 
@@ -115,6 +129,11 @@ def check_logits(error: Error, reference: np.ndarray, engine: np.ndarray, exclud
     `reference` / `engine` [N, vocab] hold the real tokens that no near-tie routing flip touched (`excluded`
     counts the others): after such a flip both sides are right and a token's logits may differ by O(1).
     """
+    tolerance = {"rel": tol.logits_rel, "top1": tol.top1, "top5": tol.top5}
+    figures: dict[str, Any] = {**error.to_dict(), "tokens": len(reference), "excluded_tokens": excluded}
+    if not len(reference):  # nothing left to judge is not a pass
+        summary = f"no token left to compare: all {excluded} were left out after near-tie routing flips"
+        return CheckResult("logits", False, summary, tolerance, figures | {"top1": None, "top5": None})
     top1 = float(np.mean(reference.argmax(-1) == engine.argmax(-1)))
     ref5, eng5 = np.argsort(-reference, axis=-1)[:, :5], np.argsort(-engine, axis=-1)[:, :5]
     top5 = float(np.mean((ref5[:, :, None] == eng5[:, None, :]).any(-1).sum(-1) / 5))
@@ -123,8 +142,7 @@ def check_logits(error: Error, reference: np.ndarray, engine: np.ndarray, exclud
     summary += f" of {len(reference)} tokens" + (
         f" ({excluded} after near-tie routing flips left out)" if excluded else ""
     )
-    figures = {**error.to_dict(), "top1": top1, "top5": top5, "tokens": len(reference), "excluded_tokens": excluded}
-    return CheckResult("logits", passed, summary, {"rel": tol.logits_rel, "top1": tol.top1, "top5": tol.top5}, figures)
+    return CheckResult("logits", passed, summary, tolerance, figures | {"top1": top1, "top5": top5})
 
 
 LAYER_VALUES = (  # a layer's values in computation order, with what a first failure there points at
@@ -149,10 +167,12 @@ def moe_block_outputs(
     model: Mixtral, engine: Sequence[Outputs], feeds: Sequence[Feed], tie_margin: float
 ) -> tuple[list[Outputs], list[Outputs]]:
     """Per iteration, the reference MoE (`sparse_moe`) on the engine's own MoE inputs and the engine's MoE
-    outputs, under `moe_block(i)`, for the real tokens whose routing is not within `tie_margin` of a tie.
+    outputs, under `moe_block(i)`, for the real tokens where both select the same experts or the reference's
+    routing is not within `tie_margin` of a tie.
 
     This isolates each block's error from what earlier layers accumulated, so a quantized engine still
-    localises a bad layer. On a near-tie either expert set is right and the outputs differ by O(1).
+    localises a bad layer. On a near-tie either expert set is right and the outputs differ by O(1); exact
+    ties are compared (the contract's rule decides them, and the engine must follow it).
     """
     dtype = model.embed_tokens.weight.dtype
     top_k = model.config.num_experts_per_tok
@@ -163,8 +183,10 @@ def moe_block_outputs(
             for i, layer in enumerate(model.layers):
                 block = layer.block_sparse_moe
                 x = torch.from_numpy(np.ascontiguousarray(it[moe_input(i)])).to(dtype)
-                _, margin = expert_sets(to_numpy(x @ block.gate.weight.t()), top_k)
-                keep = (margin > tie_margin) & feed.real.reshape(-1)
+                sets, margin = expert_sets(to_numpy(x @ block.gate.weight.t()), top_k)
+                engine_sets, _ = expert_sets(engine_router_logits(model, it, i), top_k)
+                same = (sets == engine_sets).all(-1)
+                keep = (same | (margin > tie_margin)) & feed.real.reshape(-1)
                 y = sparse_moe(x, block.gate.weight, block.w1, block.w3, block.w2, block.top_k)
                 ref_it[moe_block(i)] = to_numpy(y)[keep]
                 eng_it[moe_block(i)] = it[moe_output(i)][keep]
@@ -196,17 +218,19 @@ def check_layers(errors: dict[str, Error], num_layers: int, tol: Tolerance) -> C
     summary = (
         f"first diverging layer {layer}: {layer_value(layer, value)} rel {error.rel:.2g} > {error.rel_tolerance:g}"
         f" - look at {hint}"
+        if error.compared
+        else f"layer {layer}: no {layer_value(layer, value)} value left to compare (every token left out after "
+        "near-tie routing flips)"
     )
     return CheckResult("layers", False, summary, tolerance, figures, layer)
 
 
 def expert_sets(logits: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The contract's routing of each row (moetrt/plugins/contract.py): softmax in fp32, top-k by a stable
-    descending sort (ties: lower index). Returns the sorted expert sets [N, k] and the margin p_k - p_(k+1)."""
-    probs = torch.softmax(torch.from_numpy(np.asarray(logits, dtype=np.float32)), dim=-1)
-    ordered, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    """The contract's routing of each row (`moetrt.model.mixtral.rank_experts`): the selected expert sets
+    [N, k] (sorted by index) and eager's margin p_k - p_(k+1) (0 on an exact tie at the k-th place)."""
+    ordered, order = rank_experts(torch.from_numpy(np.asarray(logits, dtype=np.float32)))
     sets = torch.sort(order[:, :top_k], dim=-1).values.numpy()
-    if top_k == probs.shape[-1]:
+    if top_k == ordered.shape[-1]:
         return sets, np.full(len(sets), np.inf, dtype=np.float32)
     return sets, (ordered[:, top_k - 1] - ordered[:, top_k]).numpy()
 
@@ -242,10 +266,11 @@ def routings(model: Mixtral, reference: Sequence[Outputs], engine: Sequence[Outp
         same, margins = [], []
         for ref_it, eng_it in zip(reference, engine, strict=True):
             ref_sets, margin = expert_sets(ref_it[router_logits(i)], top_k)
-            eng_sets, eng_margin = expert_sets(engine_router_logits(model, eng_it, i), top_k)
-            # An exact tie in the engine's logits may have gone either way (ONNX Runtime's MoE prefers the
-            # higher expert index, the contract the lower): count it as a flip, judged by eager's margin.
-            same.append((ref_sets == eng_sets).all(-1) & (eng_margin > 0))
+            # The engine's selection as the contract makes it from the engine's own logits (exact ties to the
+            # higher index, which ONNX Runtime's MoE/QMoE follow); an engine that breaks ties otherwise shows up
+            # in the MoE outputs (layers check), not here.
+            eng_sets, _ = expert_sets(engine_router_logits(model, eng_it, i), top_k)
+            same.append((ref_sets == eng_sets).all(-1))
             margins.append(margin)
         layers.append(Routing(same, margins))
     return layers
@@ -298,27 +323,39 @@ def check_routing(
         figures[str(i)] = {
             "tokens": tokens,
             "contaminated": int(sum((f.real & m).sum() for f, m in zip(feeds, tainted.at_input[i], strict=True))),
-            "matched": float(1 - flipped.mean()) if tokens else 1.0,
+            "matched": float(1 - flipped.mean()) if tokens else None,
             "near_tie_flips": int((flipped & ~clear).sum()),
             "clear_flips": int(clear.sum()),
+            "exact_ties": int((margin == 0).sum()),
             "largest_flipped_margin": float(margin[flipped].max()) if flipped.any() else None,
         }
-        if first is None and clear.sum() > tol.clear_flips * tokens:
+        if first is None and (not tokens or clear.sum() > tol.clear_flips * tokens):
             first = i
     tolerance = {"tie_margin": tol.tie_margin, "clear_flips": tol.clear_flips}
+    exact = sum(f["exact_ties"] for f in figures.values())
+    ties_note = (
+        f"; {exact} tokens with exact ties at the k-th expert (broken to the higher index, as the op contract "
+        "says; transformers' torch.topk may choose other experts there)"
+        if exact
+        else ""
+    )
     if first is None:
         matched = min(f["matched"] for f in figures.values())
         ties = sum(f["near_tie_flips"] for f in figures.values())
         clear = sum(f["clear_flips"] for f in figures.values())
         summary = f"expert sets match on >= {matched:.1%} of tokens in every layer"
         summary += f"; flips: {ties} on near-ties, {clear} on clear margins" if ties + clear else ""
-        return CheckResult("routing", True, summary, tolerance, figures)
+        return CheckResult("routing", True, summary + ties_note, tolerance, figures)
     f = figures[str(first)]
-    summary = (
-        f"layer {first}: {f['clear_flips']} of {f['tokens']} tokens route to another expert set on a clear margin "
-        f"(up to {f['largest_flipped_margin']:.3g} > tie margin {tol.tie_margin:g})"
-    )
-    return CheckResult("routing", False, summary, tolerance, figures, first)
+    if not f["tokens"]:
+        summary = (f"layer {first}: no token left to judge (all {f['contaminated']} contaminated by earlier "
+                   "near-tie flips)")  # fmt: skip
+    else:
+        summary = (
+            f"layer {first}: {f['clear_flips']} of {f['tokens']} tokens route to another expert set on a clear "
+            f"margin (up to {f['largest_flipped_margin']:.3g} > tie margin {tol.tie_margin:g})"
+        )
+    return CheckResult("routing", False, summary + ties_note, tolerance, figures, first)
 
 
 def keep_tokens(name: str, value: np.ndarray, keep: np.ndarray) -> np.ndarray:
@@ -396,6 +433,9 @@ def check_kv_cache(errors: dict[str, Error], num_layers: int, positions: int, to
     tolerance = {"kv_rel": tol.kv_rel}
     for i in range(num_layers):
         failed = [errors[kv_cache_name(i, part)] for part in ("k", "v") if not errors[kv_cache_name(i, part)].passed]
+        if failed and not failed[0].compared:
+            summary = f"layer {i}: no cache position left to compare (every one follows a divergence or near-tie flip)"
+            return CheckResult("kv_cache", False, summary, tolerance, figures, i)
         if failed:
             summary = (f"layer {i}: cache contents differ, rel {failed[0].rel:.2g} > {tol.kv_rel:g} over {positions} "
                        "positions (if the layers check passes: where does the backend write new K/V?)")  # fmt: skip

@@ -1,7 +1,8 @@
 """Routing: router GEMM, fp32 softmax, top-k with the contract's tie rule, optional renormalisation.
 
 Contract: moetrt/plugins/contract.py (Semantics: logits in D, softmax in fp32, the k largest in descending
-order with ties to the lower expert index, weights renormalised to sum 1 when `normalize`).
+order with ties to the higher expert index, weights renormalised to sum 1 when `normalize`); the reference is
+`moetrt.model.mixtral.route`.
 
 The router GEMM is fused into the kernel: E is small (8 for Mixtral), so a program reads its BLOCK_T rows of
 `hidden` once and the whole router weight (L2-resident) and never writes the logits. Logits are rounded to
@@ -57,8 +58,8 @@ def route_kernel(
     vals = tl.zeros([BLOCK_T, K_PAD], dtype=tl.float32)
     for j in tl.static_range(K):
         best = tl.max(p, axis=1)
-        # Tie rule: among equal probabilities the lowest expert index is taken first.
-        pick = tl.min(tl.where(p == best[:, None], experts[None, :], E_PAD), axis=1)
+        # Tie rule: among equal probabilities the highest expert index is taken first.
+        pick = tl.max(tl.where(p == best[:, None], experts[None, :], -1), axis=1)
         ids = tl.where(slots[None, :] == j, pick[:, None], ids)
         vals = tl.where(slots[None, :] == j, best[:, None], vals)
         p = tl.where(experts[None, :] == pick[:, None], -2.0, p)
@@ -79,13 +80,3 @@ def route(hidden: Tensor, router_weight: Tensor, dims: geometry.MoeDims) -> tupl
         hidden, router_weight, t, ids, weights, **geometry.constexprs(geometry.ROUTE, dims), **geometry.COMPILE_OPTIONS
     )
     return ids, weights
-
-
-def route_reference(hidden: Tensor, router_weight: Tensor, top_k: int, normalize: bool) -> tuple[Tensor, Tensor]:
-    """The routing half of `moetrt.model.mixtral.sparse_moe`, returning int32 ids like the kernel."""
-    probs = torch.softmax((hidden @ router_weight.t()).float(), dim=-1)
-    sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
-    weights, ids = sorted_probs[:, :top_k], order[:, :top_k]
-    if normalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return ids.to(torch.int32), weights
