@@ -62,7 +62,7 @@ def run_demo(console: Console) -> bool:
     root = cache_root() / "demo"
     entry, precision = best_engine()
     backend = entry.name
-    console.rule(f"moetrt demo: {PRESET} Mixtral -> {backend} {precision} engine, artifacts in {root}", markup=False)
+    console.rule(Text(f"moetrt demo: {PRESET} Mixtral -> {backend} {precision} engine, artifacts in {root}"))
     steps: list[Step] = []
 
     with _step(console, steps, "checkpoint") as step:
