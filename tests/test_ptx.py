@@ -18,7 +18,9 @@ from moetrt.plugins.kernels import geometry
 
 # sm_80 and sm_90a in every dtype path, plus the Blackwell targets whose pinned PTX ISA differs (8.6, 8.7).
 COMBOS = ((80, "float16"), (90, "float16"), (90, "bfloat16"), (80, "float32"), (100, "bfloat16"), (120, "float16"))
-_COMPILE_ALL = f"COMBOS = {COMBOS!r}\n" + """
+_COMPILE_ALL = (
+    f"COMBOS = {COMBOS!r}\n"
+    + """
 import json
 from moetrt.plugins import ptx
 from moetrt.plugins.kernels import geometry
@@ -34,6 +36,7 @@ for cc, dtype in COMBOS:
                      "grid": [int(g) for g in c.grid(37)]})
 print(json.dumps(rows))
 """
+)
 
 
 @pytest.fixture(scope="module")
