@@ -395,7 +395,6 @@ def test_build_is_refused_before_tensorrt_is_needed(fp16_export, tmp_path):
         ((tmp_path / "nothing", tmp_path / "e"), {}, "expected a moetrt export"),
         ((graph_only, tmp_path / "e"), {}, "a graph-only export"),
         ((export, tmp_path / "e"), {"precision": "bf16"}, "the export is float16"),
-        ((export, tmp_path / "e"), {"threads": 2}, "threads: 2; a TensorRT engine runs on the GPU"),
         ((export, tmp_path / "e"), {"device": "cpu"}, "device: TensorRT engines are built for and run on a CUDA"),
         ((export, tmp_path / "e"), {"plugins": "both"}, "plugins: expected one of aot, jit"),
         ((export, tmp_path / "e"), {"max_batch": 3}, r"max_batch: 3 is outside \[1, 2\]"),
@@ -406,7 +405,7 @@ def test_build_is_refused_before_tensorrt_is_needed(fp16_export, tmp_path):
     assert (tmp_path / "a-file").read_text() == "keep me" and not (tmp_path / "e").exists()
     if not HAVE_TRT:
         with pytest.raises(MoetrtError, match="TensorRT is not installed"):
-            trt_engine.build_trt_engine(export, tmp_path / "e", "fp16", threads=None, device="cuda")
+            trt_engine.build_trt_engine(export, tmp_path / "e", "fp16", threads=2, device="cuda")
         assert not (tmp_path / "e").exists()
 
 

@@ -224,7 +224,6 @@ def check_build(
     export_dir: Path,
     output_dir: Path,
     precision: str,
-    threads: int | None,
     device: str | None,
     max_batch: int | None,
     max_seq_len: int | None,
@@ -242,8 +241,6 @@ def check_build(
     if PRECISIONS[precision] != manifest["dtype"]:
         raise MoetrtError(f"precision {precision}: the export is {manifest['dtype']}, and a strongly typed engine "
                           f"keeps the graph's types; re-export with dtype {PRECISIONS[precision]}")  # fmt: skip
-    if threads is not None:
-        raise MoetrtError(f"threads: {threads}; a TensorRT engine runs on the GPU (threads apply to ONNX Runtime)")
     if device not in (None, "cuda"):
         raise MoetrtError(f"device: TensorRT engines are built for and run on a CUDA GPU, found {device!r}")
     if plugins not in PLUGIN_MODES:
@@ -272,15 +269,16 @@ def build_trt_engine(
 ) -> Path:
     """Build a strongly typed TensorRT engine from an export; returns the engine directory.
 
-    precision must match the export's dtype (a strongly typed network keeps the graph's types); threads must
-    be None and device None or "cuda" (the registry's common builder signature; a TensorRT engine runs on the
-    GPU it was built on). max_batch / max_seq_len default to, and may not exceed, the export's. layer_outputs
-    marks each layer's moe_input / moe_output as engine outputs (for validation). The timing cache file is
-    read if present and rewritten after the build (None disables it). Every check that needs no TensorRT
+    precision must match the export's dtype (a strongly typed network keeps the graph's types). threads and
+    device complete the registry's common builder signature: threads (CPU threads) do not apply to a GPU
+    build, and device must be None or "cuda" (an engine runs on the kind of GPU it was built on).
+    max_batch / max_seq_len default to, and may not exceed, the export's. layer_outputs marks each layer's
+    moe_input / moe_output as engine outputs (for validation). The timing cache file is read if present and
+    rewritten after the build (None disables it). Every check that needs no TensorRT
     (`check_build`, `prepare_graph`) runs before tensorrt is imported.
     """
     export_dir, output_dir = Path(export_dir), Path(output_dir)
-    manifest, limits = check_build(export_dir, output_dir, precision, threads, device, max_batch, max_seq_len, plugins)
+    manifest, limits = check_build(export_dir, output_dir, precision, device, max_batch, max_seq_len, plugins)
     model_path = export_dir / MODEL_FILE
     graph, outputs = prepare_graph(model_path, plugins, manifest["dtype"], layer_outputs)
     try:
