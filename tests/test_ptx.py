@@ -16,21 +16,27 @@ import pytest
 from moetrt.plugins import ptx
 from moetrt.plugins.kernels import geometry
 
-_COMPILE_ALL = """
+# sm_80 and sm_90a in every dtype path, plus the Blackwell targets whose pinned PTX ISA differs (8.6, 8.7).
+COMBOS = ((80, "float16"), (90, "float16"), (90, "bfloat16"), (80, "float32"), (100, "bfloat16"), (120, "float16"))
+_COMPILE_ALL = (
+    f"COMBOS = {COMBOS!r}\n"
+    + """
 import json
 from moetrt.plugins import ptx
 from moetrt.plugins.kernels import geometry
 dims = geometry.MoeDims(hidden_size=64, intermediate_size=96, num_experts=8, top_k=2)
 rows = []
-for cc, dtype in ((80, "float16"), (90, "float16"), (90, "bfloat16"), (80, "float32")):
+for cc, dtype in COMBOS:
     for stage in geometry.STAGES:
         c = ptx.compile_stage(stage, dims, dtype, cc)
         rows.append({"cc": cc, "dtype": dtype, "stage": stage, "name": c.kernel_name, "params": list(c.params),
                      "declared": ptx.entry_params(c.ptx, c.kernel_name), "block_x": c.block_x,
                      "shared": c.shared_mem, "target": [l for l in c.ptx.splitlines() if l.startswith(".target")],
+                     "version": [l for l in c.ptx.splitlines() if l.startswith(".version")],
                      "grid": [int(g) for g in c.grid(37)]})
 print(json.dumps(rows))
 """
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,14 +47,27 @@ def compiled() -> list[dict]:
     return json.loads(proc.stdout.splitlines()[-1])
 
 
-def test_every_stage_compiles_for_sm80_and_sm90(compiled):
+def test_every_stage_compiles_for_each_target(compiled):
     assert {(r["cc"], r["dtype"], r["stage"]) for r in compiled} == {
-        (cc, dt, st) for cc, dt in ((80, "float16"), (90, "float16"), (90, "bfloat16"), (80, "float32"))
-        for st in geometry.STAGES
+        (cc, dt, st) for cc, dt in COMBOS for st in geometry.STAGES
     }  # fmt: skip
     for r in compiled:
-        # triton emits the arch-specific sm_90a for Hopper (wgmma); sm_80 PTX is plain sm_80.
-        assert r["target"] == [".target sm_80" if r["cc"] == 80 else ".target sm_90a"], r
+        # triton emits the arch-specific sm_XXa from Hopper on (wgmma); sm_80 PTX is plain sm_80.
+        assert r["target"] == [f".target sm_{r['cc']}" + ("a" if r["cc"] >= 90 else "")], r
+
+
+def test_ptx_isa_is_pinned_to_what_the_drivers_accept(compiled):
+    """Each stage's header states the pinned ISA, not the bundled ptxas's (triton 3.9: 8.8 / 9.4), and ptxas
+    assembled it (triton.compile builds the cubin), so the kernels need nothing newer."""
+    expected = {80: ".version 8.0", 90: ".version 8.0", 100: ".version 8.6", 120: ".version 8.7"}
+    for r in compiled:
+        assert r["version"] == [expected[r["cc"]]], r
+    assert {cc: ptx.ptx_driver(cc) for cc in expected} == {80: "12.0", 90: "12.0", 100: "12.7", 120: "12.8"}
+
+
+def test_ptx_isa_of_an_unknown_target_is_refused():
+    with pytest.raises(ValueError, match="compute capability 70: no pinned PTX ISA"):
+        ptx.ptx_isa(70)
 
 
 def test_entry_declares_exactly_the_plugin_arguments(compiled):

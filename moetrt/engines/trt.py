@@ -1,18 +1,25 @@
 """TensorRT engines from an export directory: `build_trt_engine`, plus the graph checks and the AOT lowering
 (pure onnx, usable without TensorRT).
 
-Why the checks: the TensorRT ONNX parser resolves a node with no built-in importer first to a model-local
-function of the same op_type, and only then to a plugin (found by op_type, `plugin_version` and
-`plugin_namespace`; the domain is ignored). A TopKMoE node must therefore carry exactly the contract's
-attributes (moetrt/plugins/contract.py) and the model must carry no local function named TopKMoE, or the
-parser would inline that function (e.g. an ONNX Runtime reference implementation) instead of the plugin.
+Why the checks: the TensorRT ONNX parser binds a node with no built-in importer to a plugin found by op_type,
+`plugin_version` and `plugin_namespace` (the domain is ignored). For a node that carries `plugin_namespace`,
+as TopKMoE does, TensorRT 10.x parsers take the plugin when one is registered under that name and fall back to
+a model-local function of the same op_type only when none is (older parsers took the function first). A
+TopKMoE node must therefore carry exactly the contract's attributes (moetrt/plugins/contract.py), and the
+model must carry no local function named TopKMoE: with one, a missing or misnamed plugin registration would
+not fail but silently inline that function (e.g. an ONNX Runtime reference implementation).
 
 Plugins (moetrt/plugins/trt_moe.py): plugins="aot" (default) lowers each TopKMoE node into the five AOT
 stage plugins, whose PTX is embedded in the engine, so the engine runs without Python; plugins="jit" keeps
 the TopKMoE node and calls back into moetrt/torch/triton at runtime.
 
+Per-layer values: with layer_outputs (default) each TopKMoE node's input and output (`moetrt.names`
+moe_input(i) / moe_output(i)) become network outputs, so `moetrt validate` can compare an engine layer by
+layer; the router's logits stay inside the route kernel and are not among them.
+
 Engine directory: model.engine (the serialized engine) and moetrt.json (kind "engine", backend "trt",
-with the export's config, dtype, limits and graph I/O, the optimization profiles and the plugin mode).
+with the export's config, dtype, limits and graph I/O, the optimization profiles, the plugin mode, the
+per-layer outputs and, for AOT engines, the PTX ISA and the CUDA driver it needs).
 """
 
 from __future__ import annotations
@@ -25,18 +32,19 @@ from typing import Any
 import onnx
 from onnx import helper
 
-from moetrt.artifacts import artifact_hash, carry_tokenizer, read_manifest, write_manifest
+from moetrt import names
+from moetrt.artifacts import artifact_hash, carry_tokenizer, check_output_dir, read_manifest, write_manifest
 from moetrt.errors import MoetrtError
 from moetrt.fsutil import atomic_dir
-from moetrt.names import MODEL_FILE
+from moetrt.names import ENGINE_FILE, MODEL_FILE
 from moetrt.plugins import contract
 from moetrt.plugins.kernels import geometry
-from moetrt.plugins.trt_moe import STAGE_FIELDS, STAGE_OPS
+from moetrt.plugins.trt_moe import PLUGIN_API, STAGE_FIELDS, STAGE_OPS
 from moetrt.registry import TENSORRT_MISSING
 
-ENGINE_FILE = "model.engine"
 PRECISIONS = {"fp16": "float16", "bf16": "bfloat16"}
-PLUGIN_MODES = ("aot", "jit")
+PLUGIN_MODES = tuple(PLUGIN_API)
+_ONNX_TYPES = {"float16": onnx.TensorProto.FLOAT16, "bfloat16": onnx.TensorProto.BFLOAT16}
 DEFAULT_TIMING_CACHE = Path.home() / ".cache" / "moetrt" / "trt-timing.cache"
 _ATTR_TYPES = {int: onnx.AttributeProto.INT, str: onnx.AttributeProto.STRING}
 
@@ -154,48 +162,77 @@ def _write_atomic(path: Path, data: memoryview) -> None:
         raise MoetrtError(f"{path}: cannot write the timing cache ({err.strerror})") from None
 
 
-def parse_network(trt: Any, builder: Any, logger: Any, model_path: Path, plugins: str = "aot") -> tuple[Any, Any]:
-    """A strongly typed network parsed from an ONNX file (external weights beside it), TopKMoE nodes bound
-    to the plugins after `check_trt_graph`. Returns (network, parser): the parser owns the weights, so it
-    must outlive the build."""
+def layer_output_names(model: onnx.ModelProto) -> list[str]:
+    """moe_input(i), moe_output(i) of every TopKMoE node, in graph order: the values the exporter names that way
+    (`moetrt.names`) and validation compares. MoetrtError if a node's values are named otherwise."""
+    found = []
+    for node in model.graph.node:
+        if node.op_type != contract.OP_TYPE:
+            continue
+        value_in, value_out = node.input[0], node.output[0]
+        try:
+            layer = names.layer_of(value_out)
+        except ValueError:
+            layer = -1
+        if (value_in, value_out) != (names.moe_input(layer), names.moe_output(layer)):
+            raise MoetrtError(f"TopKMoE node {node.name!r}: values {value_in!r} -> {value_out!r}, expected "
+                              "layers.<i>.moe_input -> layers.<i>.moe_output (`moetrt export` names)")  # fmt: skip
+        found += [value_in, value_out]
+    return found
+
+
+def prepare_graph(
+    model_path: Path, plugins: str, dtype: str, layer_outputs: bool = True
+) -> tuple[onnx.ModelProto, list[str]]:
+    """The graph TensorRT parses (weights stay in the external data file) and the per-layer values it returns:
+    `check_trt_graph`, then (layer_outputs) `layer_output_names` appended as graph outputs of element type
+    `dtype` (onnx-tensorrt marks every graph output as a network output of its ONNX type), then, for
+    plugins="aot", `lower_for_aot`."""
+    if not model_path.is_file():
+        raise MoetrtError(f"{model_path}: not found; expected the exported ONNX graph")
+    try:
+        model = onnx.load(model_path, load_external_data=False)
+    except Exception as err:  # protobuf DecodeError and friends: a truncated or foreign file
+        raise MoetrtError(f"{model_path}: not a readable ONNX model ({type(err).__name__}: {err})") from None
+    check_trt_graph(model)
+    outputs = layer_output_names(model) if layer_outputs else []
+    present = {value.name for value in model.graph.output}
+    model.graph.output.extend(
+        helper.make_tensor_value_info(name, _ONNX_TYPES[dtype], None) for name in outputs if name not in present
+    )
+    return (lower_for_aot(model) if plugins == "aot" else model), outputs
+
+
+def parse_network(
+    trt: Any, builder: Any, logger: Any, model: onnx.ModelProto, model_path: Path, plugins: str
+) -> tuple[Any, Any]:
+    """A strongly typed network parsed from `model` (from `prepare_graph`; its external weights are found
+    beside `model_path`), with the `plugins` mode's plugins registered first. Returns (network, parser):
+    the parser owns the weights, so it must outlive the build."""
     from moetrt.plugins.trt_moe import register_plugin
 
-    graph = onnx.load(model_path, load_external_data=False)
-    check_trt_graph(graph)
-    register_plugin()  # before parsing: the parser's plugin fallback looks the creators up
+    register_plugin(plugins)  # before parsing: the parser's plugin fallback looks the creators up
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
-    if plugins == "aot":
-        ok = parser.parse(lower_for_aot(graph).SerializeToString(), str(model_path))  # path: external weights
-    else:
-        ok = parser.parse_from_file(str(model_path))
-    if not ok:
+    if not parser.parse(model.SerializeToString(), str(model_path)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise MoetrtError(f"{model_path}: TensorRT could not parse the graph: {errors[0] if errors else 'no detail'}")
     return network, parser
 
 
-def build_trt_engine(
-    export_dir: str | Path,
-    output_dir: str | Path,
-    precision: str = "fp16",
-    max_batch: int | None = None,
-    max_seq_len: int | None = None,
-    plugins: str = "aot",
-    timing_cache: str | Path | None = DEFAULT_TIMING_CACHE,
-    workspace_gib: float | None = None,
-) -> Path:
-    """Build a strongly typed TensorRT engine from an export; returns the engine directory.
-
-    precision must match the export's dtype (a strongly typed network keeps the graph's types);
-    max_batch / max_seq_len default to, and may not exceed, the export's. The timing cache file is read
-    if present and rewritten after the build (None disables it).
-    """
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise MoetrtError(TENSORRT_MISSING) from None
-    export_dir, output_dir = Path(export_dir), Path(output_dir)
+def check_build(
+    export_dir: Path,
+    output_dir: Path,
+    precision: str,
+    device: str | None,
+    max_batch: int | None,
+    max_seq_len: int | None,
+    plugins: str,
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """Every check of a TensorRT build that needs no TensorRT, in the ORT build's order (output directory,
+    export manifest, graph-only export), then the TensorRT-specific ones. Returns the export's manifest and
+    the engine's limits {max_batch, max_seq_len}; MoetrtError (one line) for the first problem."""
+    check_output_dir(output_dir, export_dir, "export")
     manifest = read_manifest(export_dir, "export")
     if not manifest.get("weights", True):
         raise MoetrtError(f"{export_dir}: a graph-only export (no weights); re-export with weights to build an engine")
@@ -204,6 +241,8 @@ def build_trt_engine(
     if PRECISIONS[precision] != manifest["dtype"]:
         raise MoetrtError(f"precision {precision}: the export is {manifest['dtype']}, and a strongly typed engine "
                           f"keeps the graph's types; re-export with dtype {PRECISIONS[precision]}")  # fmt: skip
+    if device not in (None, "cuda"):
+        raise MoetrtError(f"device: TensorRT engines are built for and run on a CUDA GPU, found {device!r}")
     if plugins not in PLUGIN_MODES:
         raise MoetrtError(f"plugins: expected one of {', '.join(PLUGIN_MODES)}, found {plugins!r}")
     limits = {"max_batch": max_batch, "max_seq_len": max_seq_len}
@@ -212,11 +251,44 @@ def build_trt_engine(
             limits[key] = manifest[key]
         elif not 1 <= value <= manifest[key]:
             raise MoetrtError(f"{key}: {value} is outside [1, {manifest[key]}] (the export's limit)")
+    return manifest, limits
+
+
+def build_trt_engine(
+    export_dir: str | Path,
+    output_dir: str | Path,
+    precision: str = "fp16",
+    threads: int | None = None,
+    device: str | None = None,
+    max_batch: int | None = None,
+    max_seq_len: int | None = None,
+    plugins: str = "aot",
+    layer_outputs: bool = True,
+    timing_cache: str | Path | None = DEFAULT_TIMING_CACHE,
+    workspace_gib: float | None = None,
+) -> Path:
+    """Build a strongly typed TensorRT engine from an export; returns the engine directory.
+
+    precision must match the export's dtype (a strongly typed network keeps the graph's types). threads and
+    device complete the registry's common builder signature: threads (CPU threads) do not apply to a GPU
+    build, and device must be None or "cuda" (an engine runs on the kind of GPU it was built on).
+    max_batch / max_seq_len default to, and may not exceed, the export's. layer_outputs marks each layer's
+    moe_input / moe_output as engine outputs (for validation). The timing cache file is read if present and
+    rewritten after the build (None disables it). Every check that needs no TensorRT
+    (`check_build`, `prepare_graph`) runs before tensorrt is imported.
+    """
+    export_dir, output_dir = Path(export_dir), Path(output_dir)
+    manifest, limits = check_build(export_dir, output_dir, precision, device, max_batch, max_seq_len, plugins)
     model_path = export_dir / MODEL_FILE
+    graph, outputs = prepare_graph(model_path, plugins, manifest["dtype"], layer_outputs)
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise MoetrtError(TENSORRT_MISSING) from None
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network, parser = parse_network(trt, builder, logger, model_path, plugins)
+    network, _parser = parse_network(trt, builder, logger, graph, model_path, plugins)
 
     config = builder.create_builder_config()
     if workspace_gib is not None:
@@ -252,9 +324,23 @@ def build_trt_engine(
             "io": manifest.get("io", {}),
             "parent": artifact_hash(export_dir),
             "plugins": plugins,
+            "layer_outputs": outputs,
+            "ptx": _ptx_record() if plugins == "aot" else None,
             "profiles": shapes,
             "engine": ENGINE_FILE,
         }
         write_manifest(tmp, "engine", body)
         carry_tokenizer(export_dir, tmp)
     return output_dir
+
+
+def _ptx_record() -> dict[str, Any]:
+    """The PTX the AOT stages embed for this GPU: its ISA and the oldest CUDA driver that loads it."""
+    import torch
+
+    from moetrt.plugins import ptx
+
+    major, minor = torch.cuda.get_device_capability()
+    cc = 10 * major + minor
+    isa = ptx.ptx_isa(cc)
+    return {"compute_capability": cc, "isa": f"{isa // 10}.{isa % 10}", "cuda_driver": ptx.ptx_driver(cc)}

@@ -8,6 +8,14 @@ target=GPUTarget("cuda", cc, 32))` (triton 3.9: `signature` names every paramete
 "constexpr"; `attrs` maps a parameter index tuple to [["tt.divisibility", 16]]) and returns what the
 plugin needs: kernel name, PTX, block size, shared memory and the grid as a function of T.
 
+PTX ISA version. The engine embeds PTX, which the CUDA driver JIT-compiles when the engine is loaded, and a
+driver rejects a PTX ISA newer than its own CUDA version. Triton writes the ISA of its bundled ptxas (triton
+3.9: 8.8 for sm_80, 9.4 for sm_90a, i.e. drivers for CUDA 12.9 / 13.4), so `compile_stage` pins it with
+Triton's `ptx_version` option to `ptx_isa(cc)`: the oldest ISA the target accepts (LLVM's NVPTX processor
+table: sm_90a 8.0, sm_100a 8.6, sm_120a 8.7, ...) but at least 8.0 (CUDA 12.0, the oldest CUDA 12 driver).
+A GPU's own driver always accepts its target's minimum ISA; ptxas assembling the pinned PTX at compile time
+(`triton.compile` runs it) shows the kernels need nothing newer.
+
 Triton >= 3.3 appends two hidden pointer parameters (global and profile scratch) to every kernel; TensorRT
 passes only the arguments above. When a kernel needs no scratch (checked) and its PTX never reads them
 (checked), they are removed from the PTX entry so the parameter list is exactly the plugin's.
@@ -38,6 +46,25 @@ SIGNATURES: dict[str, tuple[tuple[str, str], ...]] = {
 }  # fmt: skip
 
 TRITON_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+# Oldest PTX ISA (major*10 + minor) of the target Triton compiles compute capability cc for (sm_{cc} below 90,
+# the arch-specific sm_{cc}a from 90 on), from LLVM's NVPTX.td processor definitions.
+TARGET_MIN_PTX = {75: 63, 80: 70, 86: 71, 87: 74, 89: 78, 90: 80, 100: 86, 101: 86, 103: 88, 110: 90, 120: 87, 121: 88}
+PTX_FLOOR = 80  # PTX ISA 8.0: CUDA 12.0, accepted by every CUDA 12 and 13 driver
+# CUDA version whose driver first accepts a PTX ISA (the inverse of triton's ptx_get_version).
+PTX_CUDA = {80: "12.0", 86: "12.7", 87: "12.8", 88: "12.9", 90: "13.0"}
+
+
+def ptx_isa(cc: int) -> int:
+    """The PTX ISA version (e.g. 80 for 8.0) the stages are compiled to for compute capability `cc`."""
+    if cc not in TARGET_MIN_PTX:
+        raise ValueError(f"compute capability {cc}: no pinned PTX ISA; known: {sorted(TARGET_MIN_PTX)}")
+    return max(PTX_FLOOR, TARGET_MIN_PTX[cc])
+
+
+def ptx_driver(cc: int) -> str:
+    """The oldest CUDA version whose driver loads the stages' PTX for compute capability `cc` (e.g. "12.0")."""
+    return PTX_CUDA[ptx_isa(cc)]
 
 
 @dataclass(frozen=True)
@@ -95,7 +122,8 @@ def compile_stage(stage: str, dims: geometry.MoeDims, dtype: str, cc: int) -> Co
     signature.update(dict.fromkeys(consts, "constexpr"))
     attrs = {(i,): [["tt.divisibility", 16]] for i, (_, ty) in enumerate(params) if ty.startswith("*")}
     source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
-    kernel = triton.compile(source, target=GPUTarget("cuda", cc, 32), options=dict(geometry.COMPILE_OPTIONS))
+    options = dict(geometry.COMPILE_OPTIONS, ptx_version=ptx_isa(cc))
+    kernel = triton.compile(source, target=GPUTarget("cuda", cc, 32), options=options)
     meta = kernel.metadata
     scratch = getattr(meta, "global_scratch_size", 0), getattr(meta, "profile_scratch_size", 0)
     if any(scratch):

@@ -1,6 +1,6 @@
 """TensorRT plugins for `moetrt::TopKMoE` (contract: moetrt/plugins/contract.py), with `tensorrt.plugin`.
 
-Two ways to run the op in an engine; `register_plugin()` registers both (tensorrt is imported only there):
+Two ways to run the op in an engine; `register_plugin(mode)` registers one (tensorrt is imported only there):
 
 JIT   `moetrt::TopKMoE` itself: `@trtp.register` + `@trtp.impl`, which runs `fused_topk_moe` (five Triton
       launches) on TensorRT's stream. The engine calls back into Python, so it needs moetrt, torch and
@@ -22,16 +22,40 @@ version "1" and the namespace of its id, and its fields are the register functio
     contract.node_attributes(...) = TOPK_MOE_FIELDS + PARSER_KEYS
 where PARSER_KEYS = (plugin_namespace, plugin_version) are lookup keys, never fields, and the stage nodes
 carry STAGE_FIELDS + PARSER_KEYS. The plugins must be registered before parsing and before deserializing.
+
+Integer attributes are `Int` = npt.NDArray[np.int32], read with `scalar`. The parser passes an ONNX INT
+attribute as an INT32 PluginField of length 1, whose `data` is a numpy array of shape (1,); the
+`tensorrt.plugin` creator turns it into the attribute by calling the annotation on it, `int(data)` for an
+`int`, which NumPy deprecated in 1.25 and refuses from 2.4 on ("only 0-dimensional arrays can be converted
+to Python scalars"), so every TopKMoE node would fail to parse. For an NDArray annotation the creator calls
+`data.astype(np.int32)` instead, and a JIT plugin serializes the array as INT32 and gets it back the same
+way when the engine is deserialized (tensorrt.plugin `_TemplatePluginCreator.create_plugin`,
+`get_fields_to_serialize`; TensorRT 10.9 to 11.1).
+
+Versions: `aot_impl`, `KernelLaunchParams` and `SymIntExprs` first shipped in TensorRT 10.9, so moetrt needs
+tensorrt >= MIN_TENSORRT (pyproject's `trt` extra); `register_plugin` checks only the API of the mode asked for.
 """
 
 # No `from __future__ import annotations`: tensorrt.plugin validates the annotations as live classes.
 import inspect
 from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
 
 from moetrt.errors import MoetrtError
 from moetrt.plugins import contract
 from moetrt.plugins.kernels import geometry
+from moetrt.registry import TENSORRT_MISSING
 
+MIN_TENSORRT = "10.9"
+# The tensorrt.plugin names each mode calls (TensorRT 10.8 has register/impl but none of the AOT ones).
+PLUGIN_API = {
+    "aot": ("register", "aot_impl", "TensorDesc", "from_shape_expr", "KernelLaunchParams", "SymIntExprs", "SymInt32"),
+    "jit": ("register", "impl", "TensorDesc"),
+}
+Int = npt.NDArray[np.int32]  # every integer plugin attribute (see the module docstring)
 PARSER_KEYS = ("plugin_namespace", "plugin_version")
 TOPK_MOE_FIELDS = ("top_k", "normalize")
 STAGE_FIELDS = tuple(f.name for f in fields(geometry.MoeDims))  # every stage node carries the layer's dims
@@ -61,25 +85,39 @@ STAGE_OPS = (
     StageOp("TopKMoECombine", geometry.COMBINE, ("expert_out", "topk_weights"), ("out",)),
 )  # fmt: skip
 
-_registered = False
+_registered: set[str] = set()
 
 
-def register_plugin() -> None:
-    """Register the JIT TopKMoE plugin and the AOT stage plugins with TensorRT (idempotent)."""
-    global _registered
-    if _registered:
+def scalar(value: np.ndarray) -> int:
+    """The integer a plugin attribute holds: TensorRT hands each over as an int32 array of shape (1,)."""
+    if np.shape(value) != (1,):
+        raise ValueError(f"plugin attribute {value!r}: expected a 1-element array")
+    return int(value[0])
+
+
+def missing_api(trtp: Any, mode: str) -> list[str]:
+    """The `tensorrt.plugin` names plugins of `mode` ("aot" or "jit") need that `trtp` lacks."""
+    return [name for name in PLUGIN_API[mode] if not hasattr(trtp, name)]
+
+
+def register_plugin(mode: str) -> None:
+    """Register the plugins of one mode with TensorRT (idempotent): "jit" the TopKMoE plugin, "aot" the five
+    stage plugins. MoetrtError when TensorRT is missing or too old for that mode."""
+    if mode not in PLUGIN_API:
+        raise MoetrtError(f"plugins: expected one of {', '.join(PLUGIN_API)}, found {mode!r}")
+    if mode in _registered:
         return
     try:
         import tensorrt as trt
         import tensorrt.plugin as trtp
-    except ImportError as err:
-        raise MoetrtError(f"TensorRT is not installed ({err}): pip install 'moetrt[trt]'") from None
-    if not hasattr(trtp, "aot_impl"):
-        raise MoetrtError(f"TensorRT {trt.__version__} has no AOT Python plugins (tensorrt.plugin.aot_impl); "
-                          "moetrt needs tensorrt>=10.8")  # fmt: skip
-    _register_jit(trt, trtp)
-    _register_stages(trt, trtp)
-    _registered = True
+    except ImportError:
+        raise MoetrtError(TENSORRT_MISSING) from None
+    missing = missing_api(trtp, mode)
+    if missing:
+        raise MoetrtError(f"TensorRT {trt.__version__} has no tensorrt.plugin.{missing[0]}, which {mode} plugins "
+                          f"need; moetrt needs tensorrt>={MIN_TENSORRT}: pip install 'moetrt[trt]'")  # fmt: skip
+    (_register_jit if mode == "jit" else _register_stages)(trt, trtp)
+    _registered.add(mode)
 
 
 def _register_jit(trt, trtp) -> None:
@@ -92,8 +130,8 @@ def _register_jit(trt, trtp) -> None:
         w1: trtp.TensorDesc,
         w3: trtp.TensorDesc,
         w2: trtp.TensorDesc,
-        top_k: int,
-        normalize: int,
+        top_k: Int,
+        normalize: Int,
     ) -> trtp.TensorDesc:
         return hidden.like()  # the contract's output: hidden's static shape and dtype
 
@@ -105,7 +143,7 @@ def _register_jit(trt, trtp) -> None:
 
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
             tensors = [_as_torch(trt, t) for t in (hidden, router_weight, w1, w3, w2)]
-            fused_topk_moe(*tensors, top_k, bool(normalize), out=_as_torch(trt, outputs[0]))
+            fused_topk_moe(*tensors, scalar(top_k), bool(scalar(normalize)), out=_as_torch(trt, outputs[0]))
 
     attrs = tuple(inspect.signature(topk_moe_desc).parameters)[len(contract.INPUTS) :]
     if attrs != TOPK_MOE_FIELDS:
@@ -156,17 +194,19 @@ def _register_stages(trt, trtp) -> None:
                                          shared_mem=kernel.shared_mem)  # fmt: skip
         return kernel.kernel_name, kernel.ptx, params, trtp.SymIntExprs.from_tuple([trtp.SymInt32(num_tokens)])
 
-    def dims_of(hidden_size, intermediate_size, num_experts, top_k, normalize, block_m) -> geometry.MoeDims:
-        return geometry.MoeDims(hidden_size, intermediate_size, num_experts, top_k, bool(normalize), block_m)
+    def dims_of(*values: np.ndarray) -> geometry.MoeDims:
+        """The layer's dims from the stage's attributes, in STAGE_FIELDS order."""
+        h, f, e, k, normalize, block_m = (scalar(v) for v in values)
+        return geometry.MoeDims(h, f, e, k, bool(normalize), block_m)
 
     route, align, gemm1, gemm2, combine = (op.plugin_id for op in STAGE_OPS)
     Desc = trtp.TensorDesc
 
     @trtp.register(route)
-    def route_desc(hidden: Desc, router: Desc, hidden_size: int, intermediate_size: int, num_experts: int,
-                   top_k: int, normalize: int, block_m: int) -> tuple[Desc, Desc]:  # fmt: skip
-        t = hidden.shape_expr[0]
-        return trtp.from_shape_expr((t, top_k), dtype=int32), trtp.from_shape_expr((t, top_k), dtype=trt.float32)
+    def route_desc(hidden: Desc, router: Desc, hidden_size: Int, intermediate_size: Int, num_experts: Int,
+                   top_k: Int, normalize: Int, block_m: Int) -> tuple[Desc, Desc]:  # fmt: skip
+        t, k = hidden.shape_expr[0], scalar(top_k)
+        return trtp.from_shape_expr((t, k), dtype=int32), trtp.from_shape_expr((t, k), dtype=trt.float32)
 
     @trtp.aot_impl(route)
     def route_aot(hidden, router, hidden_size, intermediate_size, num_experts, top_k, normalize, block_m,
@@ -175,12 +215,12 @@ def _register_stages(trt, trtp) -> None:
         return launch(geometry.ROUTE, dims, dtypes[hidden.dtype], hidden.shape_expr[0])
 
     @trtp.register(align)
-    def align_desc(topk_ids: Desc, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int,
-                   normalize: int, block_m: int) -> tuple[Desc, Desc, Desc, Desc]:  # fmt: skip
+    def align_desc(topk_ids: Desc, hidden_size: Int, intermediate_size: Int, num_experts: Int, top_k: Int,
+                   normalize: Int, block_m: Int) -> tuple[Desc, Desc, Desc, Desc]:  # fmt: skip
         dims = dims_of(hidden_size, intermediate_size, num_experts, top_k, normalize, block_m)
         t = topk_ids.shape_expr[0]
-        return (trtp.from_shape_expr((num_experts,), dtype=int32),
-                trtp.from_shape_expr((num_experts + 1,), dtype=int32),
+        return (trtp.from_shape_expr((dims.num_experts,), dtype=int32),
+                trtp.from_shape_expr((dims.num_experts + 1,), dtype=int32),
                 trtp.from_shape_expr((geometry.rows_bound(t, dims),), dtype=int32),
                 trtp.from_shape_expr((geometry.blocks_bound(t, dims),), dtype=int32))  # fmt: skip
 
@@ -192,9 +232,9 @@ def _register_stages(trt, trtp) -> None:
 
     @trtp.register(gemm1)
     def gemm1_desc(hidden: Desc, w1: Desc, w3: Desc, sorted_ids: Desc, block_expert: Desc, offsets: Desc,
-                   hidden_size: int, intermediate_size: int, num_experts: int, top_k: int, normalize: int,
-                   block_m: int) -> Desc:  # fmt: skip
-        return trtp.from_shape_expr((sorted_ids.shape_expr[0], intermediate_size), dtype=hidden.dtype)
+                   hidden_size: Int, intermediate_size: Int, num_experts: Int, top_k: Int, normalize: Int,
+                   block_m: Int) -> Desc:  # fmt: skip
+        return trtp.from_shape_expr((sorted_ids.shape_expr[0], scalar(intermediate_size)), dtype=hidden.dtype)
 
     @trtp.aot_impl(gemm1)
     def gemm1_aot(hidden, w1, w3, sorted_ids, block_expert, offsets, hidden_size, intermediate_size,
@@ -207,22 +247,22 @@ def _register_stages(trt, trtp) -> None:
         return sorted_ids.shape_expr[0] - dims.num_experts * (dims.block_m - 1)
 
     @trtp.register(gemm2)
-    def gemm2_desc(inter: Desc, w2: Desc, sorted_ids: Desc, block_expert: Desc, offsets: Desc, hidden_size: int,
-                   intermediate_size: int, num_experts: int, top_k: int, normalize: int,
-                   block_m: int) -> Desc:  # fmt: skip
+    def gemm2_desc(inter: Desc, w2: Desc, sorted_ids: Desc, block_expert: Desc, offsets: Desc, hidden_size: Int,
+                   intermediate_size: Int, num_experts: Int, top_k: Int, normalize: Int,
+                   block_m: Int) -> Desc:  # fmt: skip
         dims = dims_of(hidden_size, intermediate_size, num_experts, top_k, normalize, block_m)
-        return trtp.from_shape_expr((pairs(sorted_ids, dims), hidden_size), dtype=inter.dtype)
+        return trtp.from_shape_expr((pairs(sorted_ids, dims), dims.hidden_size), dtype=inter.dtype)
 
     @trtp.aot_impl(gemm2)
     def gemm2_aot(inter, w2, sorted_ids, block_expert, offsets, hidden_size, intermediate_size, num_experts,
                   top_k, normalize, block_m, outputs, tactic) -> launch_annotation:  # fmt: skip
         dims = dims_of(hidden_size, intermediate_size, num_experts, top_k, normalize, block_m)
-        return launch(geometry.GEMM2, dims, dtypes[inter.dtype], pairs(sorted_ids, dims) // top_k)
+        return launch(geometry.GEMM2, dims, dtypes[inter.dtype], pairs(sorted_ids, dims) // dims.top_k)
 
     @trtp.register(combine)
-    def combine_desc(expert_out: Desc, topk_weights: Desc, hidden_size: int, intermediate_size: int,
-                     num_experts: int, top_k: int, normalize: int, block_m: int) -> Desc:  # fmt: skip
-        return trtp.from_shape_expr((topk_weights.shape_expr[0], hidden_size), dtype=expert_out.dtype)
+    def combine_desc(expert_out: Desc, topk_weights: Desc, hidden_size: Int, intermediate_size: Int,
+                     num_experts: Int, top_k: Int, normalize: Int, block_m: Int) -> Desc:  # fmt: skip
+        return trtp.from_shape_expr((topk_weights.shape_expr[0], scalar(hidden_size)), dtype=expert_out.dtype)
 
     @trtp.aot_impl(combine)
     def combine_aot(expert_out, topk_weights, hidden_size, intermediate_size, num_experts, top_k, normalize,

@@ -1,17 +1,29 @@
 """The TensorRT engine as a `Backend` (moetrt/runtime/backend.py): static device KV buffers, name-based I/O
-binding, and the decode step captured once in a CUDA graph.
+binding, and, for AOT engines, the decode step captured once in a CUDA graph.
 
 Buffers. K/V caches [max_batch, kv_heads, max_seq_len, head_dim] per layer are torch CUDA tensors allocated
-once; the engine reads them as `past_key.{i}` / `past_value.{i}` (rows [:B] of the buffer, a contiguous
-prefix) and returns the step's `new_key.{i}` / `new_value.{i}`, which are scattered into the buffers at
-`position_ids` on the device (KVCache.write semantics), so no step copies a cache.
+once; row s is cache slot s. The engine reads a contiguous block of rows as `past_key.{i}` /
+`past_value.{i}` and returns the step's `new_key.{i}` / `new_value.{i}`, which are scattered into the
+buffers at `position_ids` on the device (KVCache.write semantics), so no step copies a cache.
 
-Two execution contexts, one per optimization profile (moetrt.engines.trt.profiles): prefill (any T) binds
-per-step outputs; decode (T = 1) always runs the fixed batch max_batch from static input/output buffers, so
-its `execute_async_v3` plus the K/V scatter are captured once in a CUDA graph and replayed. Rows a decode
-step does not use get token 0 at position max_seq_len - 1: that cache slot is only ever written by a
-row's own step at that position (attention reads positions before the query's), so padding never disturbs
-a live row. Imports of tensorrt happen at load; MoetrtError if TensorRT or a CUDA GPU is missing.
+Two execution contexts, one per optimization profile (moetrt.engines.trt.profiles):
+- prefill (any T) binds per-step outputs over the rows of the step's slots: one run over rows 0..B-1 when
+  the slots are those, else one run per slot over its own row (each a contiguous [1, ...] view).
+- decode (T = 1) always runs the fixed batch max_batch from static input/output buffers: batch row b goes
+  to row slots[b]; the other rows get token 0 at position max_seq_len - 1 and their K/V scatter writes back
+  what their slot already held there, so slots not named are untouched. For AOT engines `execute_async_v3`
+  plus the scatter are captured once in a CUDA graph and replayed. The capture uses
+  capture_error_mode="thread_local", as TensorRT's own tools do (trtexec, Polygraphy), so CUDA calls from
+  other threads do not invalidate it (torch.cuda.graph defaults to "global"). JIT engines are not captured:
+  their plugin runs Python and torch allocations on every enqueue.
+All work runs on the backend's own stream, never on the legacy default stream (TensorRT warns that
+enqueueing there synchronizes with every other stream).
+
+Per-layer values: the engine's manifest lists the values it returns (`layer_outputs`: moe_input(i),
+moe_output(i) of `moetrt.names`); those named in `extra_outputs` at load come back in `extras` after each
+step as [tokens, hidden] arrays, tokens flattened over the step's batch rows (bfloat16 as float32).
+
+MoetrtError (one line) if TensorRT or a CUDA GPU is missing, or for anything `check_engine` refuses.
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ from moetrt.artifacts import MANIFEST, read_manifest
 from moetrt.errors import MoetrtError
 from moetrt.model.config import MixtralConfig
 from moetrt.model.mixtral import TORCH_DTYPES
+from moetrt.names import ENGINE_FILE
 from moetrt.registry import TENSORRT_MISSING
 from moetrt.runtime.backend import ClosingContext
 
@@ -41,38 +54,41 @@ class TrtBackend(ClosingContext):
 
     def __init__(self, engine_dir: str | Path, max_batch: int | None = None, extra_outputs: Sequence[str] = ()):
         trt = _import_tensorrt()
-        if not torch.cuda.is_available():
-            raise MoetrtError(f"{engine_dir}: TensorRT engines run on a CUDA GPU, and torch sees none")
         engine_dir = Path(engine_dir)
-        manifest = _read_manifest(engine_dir)
+        manifest, self.max_batch, self.extra_outputs = check_engine(engine_dir, max_batch, extra_outputs)
         self.config = MixtralConfig.from_dict(manifest["config"])
-        self.max_batch = int(manifest["max_batch"])
-        if max_batch is not None:
-            if not 1 <= max_batch <= self.max_batch:
-                raise MoetrtError(f"max_batch: {max_batch} is outside [1, {self.max_batch}] (the engine's profile)")
-            self.max_batch = max_batch
-        if extra_outputs:
-            raise MoetrtError(f"{engine_dir}: this TensorRT engine returns no per-layer values; rebuild it")
+        self.extras: dict[str, np.ndarray] = {}
         self.max_seq_len = int(manifest["max_seq_len"])
         self.dtype = TORCH_DTYPES[manifest["dtype"]]
+        engine_file = engine_dir / manifest["engine"]
+        if not torch.cuda.is_available():
+            raise MoetrtError(f"{engine_dir}: TensorRT engines run on a CUDA GPU, and torch sees none")
         self._trt = trt
 
         from moetrt.plugins.trt_moe import register_plugin
 
-        register_plugin()  # before deserializing: JIT engines look the TopKMoE plugin up by name
-        engine_file = engine_dir / manifest.get("engine", "model.engine")
+        register_plugin(manifest["plugins"])  # before deserializing: the engine names its plugins' creators
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = self._runtime.deserialize_cuda_engine(engine_file.read_bytes())
         if self.engine is None:
             raise MoetrtError(f"{engine_file}: TensorRT could not deserialize the engine (built by another version?)")
+        self._outputs = [
+            name
+            for name in (self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors))
+            if self.engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT
+        ]
+        missing = [name for name in (io.LOGITS, *manifest.get("layer_outputs", [])) if name not in self._outputs]
+        if missing:
+            raise MoetrtError(f"{engine_file}: no engine output {missing[0]!r}, which the manifest lists; rebuild it")
         self.stream = torch.cuda.Stream()
         cfg = self.config
         shape = (self.max_batch, cfg.num_key_value_heads, self.max_seq_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, dtype=self.dtype, device="cuda") for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=self.dtype, device="cuda") for _ in range(cfg.num_hidden_layers)]
+        with torch.cuda.stream(self.stream):  # allocated and zeroed on the stream that uses them
+            self.k = [torch.zeros(shape, dtype=self.dtype, device="cuda") for _ in range(cfg.num_hidden_layers)]
+            self.v = [torch.zeros(shape, dtype=self.dtype, device="cuda") for _ in range(cfg.num_hidden_layers)]
         self._prefill = self._context(PREFILL)
         self._decode = self._context(DECODE)
-        self._graph = self._capture_decode()
+        self._graph = self._prepare_decode(capture=manifest["plugins"] == "aot")
 
     @classmethod
     def load(
@@ -82,7 +98,8 @@ class TrtBackend(ClosingContext):
         threads: int | None = None,
         extra_outputs: Sequence[str] = (),
     ) -> TrtBackend:
-        """`Backend.load`: threads do not apply to a GPU engine; max_batch may lower the manifest's."""
+        """`Backend.load`: threads do not apply to a GPU engine; max_batch may lower the manifest's;
+        extra_outputs must be among the manifest's `layer_outputs`."""
         return cls(engine_dir, max_batch=max_batch, extra_outputs=extra_outputs)
 
     def _context(self, profile: int):
@@ -96,23 +113,20 @@ class TrtBackend(ClosingContext):
                   trt.int64: torch.int64, trt.int32: torch.int32}  # fmt: skip
         return dtypes[self.engine.get_tensor_dtype(name)]
 
-    def _bind(self, context, ids: torch.Tensor, pos: torch.Tensor, outputs: dict[str, torch.Tensor] | None = None
-              ) -> dict[str, torch.Tensor]:  # fmt: skip
-        """Set shapes and addresses for [B, T] ids/positions and the caches' first B rows; allocate the outputs
-        unless given. Returns the outputs by name."""
-        b = ids.shape[0]
+    def _bind(self, context, ids: torch.Tensor, pos: torch.Tensor, rows: slice,
+              outputs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+        """Set shapes and addresses for [B, T] ids/positions and the caches' rows `rows` (B of them, contiguous);
+        allocate every engine output unless given. Returns the outputs by name."""
         inputs = {io.INPUT_IDS: ids, io.POSITION_IDS: pos}
         for i in range(self.config.num_hidden_layers):
-            inputs[io.past_key(i)], inputs[io.past_value(i)] = self.k[i][:b], self.v[i][:b]
+            inputs[io.past_key(i)], inputs[io.past_value(i)] = self.k[i][rows], self.v[i][rows]
         for name, tensor in inputs.items():
             if not context.set_input_shape(name, tuple(tensor.shape)):
                 raise MoetrtError(f"engine input {name}: shape {tuple(tensor.shape)} rejected (not in its profile?)")
             context.set_tensor_address(name, tensor.data_ptr())
         if outputs is None:
-            names = [io.LOGITS] + [n for i in range(self.config.num_hidden_layers)
-                                   for n in (io.new_key(i), io.new_value(i))]  # fmt: skip
             outputs = {n: torch.empty(tuple(context.get_tensor_shape(n)), dtype=self._torch_dtype(n), device="cuda")
-                       for n in names}  # fmt: skip
+                       for n in self._outputs}  # fmt: skip
         for name, tensor in outputs.items():
             context.set_tensor_address(name, tensor.data_ptr())
         return outputs
@@ -121,64 +135,87 @@ class TrtBackend(ClosingContext):
         if not context.execute_async_v3(self.stream.cuda_stream):
             raise MoetrtError("TensorRT failed to enqueue the engine (see the log above)")
 
-    def _store(self, pos: torch.Tensor, outputs: dict[str, torch.Tensor]) -> None:
-        """Scatter each layer's new K/V [B, kv, T, D] into the static buffers at the rows' positions."""
+    def _store(self, pos: torch.Tensor, outputs: dict[str, torch.Tensor], rows: slice,
+               keep: torch.Tensor | None = None) -> None:  # fmt: skip
+        """Scatter each layer's new K/V [B, kv, T, D] into the buffers' rows `rows` at the rows' positions;
+        where `keep` [B] is False, write back what the buffer holds there instead (an unused decode row)."""
         b, t = pos.shape
         for i in range(self.config.num_hidden_layers):
-            new_k, new_v = outputs[io.new_key(i)], outputs[io.new_value(i)]
-            index = pos[:, None, :, None].expand(b, new_k.shape[1], t, new_k.shape[3])
-            self.k[i][:b].scatter_(2, index, new_k)
-            self.v[i][:b].scatter_(2, index, new_v)
+            for cache, new in ((self.k[i][rows], outputs[io.new_key(i)]), (self.v[i][rows], outputs[io.new_value(i)])):
+                index = pos[:, None, :, None].expand(b, new.shape[1], t, new.shape[3])
+                if keep is not None:
+                    new = torch.where(keep[:, None, None, None], new, cache.gather(2, index))
+                cache.scatter_(2, index, new)
 
-    def _capture_decode(self) -> torch.cuda.CUDAGraph:
-        """Static decode buffers, one warm-up run (TensorRT defers work to the first enqueue), then capture."""
+    def _decode_step(self) -> None:
+        self._execute(self._decode)
+        self._store(self._pos, self._out, slice(0, self.max_batch), self._keep)
+
+    def _prepare_decode(self, capture: bool) -> torch.cuda.CUDAGraph | None:
+        """Static decode buffers and one run (TensorRT defers work to the first enqueue); then, if `capture`,
+        the decode step captured in a CUDA graph on the backend's stream."""
         with torch.cuda.stream(self.stream):
             self._ids = torch.zeros((self.max_batch, 1), dtype=torch.int64, device="cuda")
             self._pos = torch.full((self.max_batch, 1), self.max_seq_len - 1, dtype=torch.int64, device="cuda")
-            self._out = self._bind(self._decode, self._ids, self._pos)
-            self._execute(self._decode)
-            self._store(self._pos, self._out)
+            self._keep = torch.zeros(self.max_batch, dtype=torch.bool, device="cuda")
+            self._out = self._bind(self._decode, self._ids, self._pos, slice(0, self.max_batch))
+            self._decode_step()
             self.stream.synchronize()
+            if not capture:
+                return None
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=self.stream):
-                self._execute(self._decode)
-                self._store(self._pos, self._out)
+            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+                self._decode_step()
         return graph
 
     @torch.inference_mode()
-    def step(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        """See `Backend.step`: int64 [B, T] ids and positions -> float32 logits [B, T, vocab]."""
+    def step(self, input_ids: np.ndarray, position_ids: np.ndarray, slots: Sequence[int] | None = None) -> np.ndarray:
+        """See `Backend.step`: int64 [B, T] ids and positions, row b in cache slot slots[b] -> float32 logits
+        [B, T, vocab]; `extras` then holds the requested per-layer values."""
         b, t = input_ids.shape
+        slots = list(range(b)) if slots is None else [int(s) for s in slots]
         if not 1 <= b <= self.max_batch or position_ids.shape != (b, t):
             raise MoetrtError(f"step: ids {input_ids.shape} / positions {position_ids.shape}; batch must be in "
                               f"[1, {self.max_batch}] and both [B, T]")  # fmt: skip
-        if int(position_ids.max()) + 1 > self.max_seq_len:
-            raise MoetrtError(f"step: position {int(position_ids.max())} >= max_seq_len {self.max_seq_len}")
+        if len(slots) != b or len(set(slots)) != b or not all(0 <= s < self.max_batch for s in slots):
+            raise MoetrtError(f"step: slots {slots}; expected {b} distinct slots in [0, {self.max_batch})")
+        if int(position_ids.min()) < 0 or int(position_ids.max()) + 1 > self.max_seq_len:
+            raise MoetrtError(f"step: positions must be in [0, {self.max_seq_len}) (max_seq_len)")
         ids = torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64))
         pos = torch.from_numpy(np.ascontiguousarray(position_ids, dtype=np.int64))
         with torch.cuda.stream(self.stream):
             if t == 1:
+                rows = torch.tensor(slots, device="cuda")
                 self._ids.zero_()
                 self._pos.fill_(self.max_seq_len - 1)
-                self._ids[:b].copy_(ids)
-                self._pos[:b].copy_(pos)
-                self._graph.replay()
-                logits = self._out[io.LOGITS][:b]
+                self._keep.zero_()
+                self._ids[rows] = ids.cuda()
+                self._pos[rows] = pos.cuda()
+                self._keep[rows] = True
+                if self._graph is not None:
+                    self._graph.replay()
+                else:
+                    self._decode_step()
+                values = {name: self._out[name][rows] for name in (io.LOGITS, *self.extra_outputs)}  # T = 1
+            elif slots == list(range(b)):
+                values = self._prefill_rows(ids.cuda(), pos.cuda(), slice(0, b))
             else:
-                ids, pos = ids.cuda(), pos.cuda()
-                outputs = self._bind(self._prefill, ids, pos)
-                self._execute(self._prefill)
-                self._store(pos, outputs)
-                logits = outputs[io.LOGITS]
-            return logits.float().cpu().numpy()
+                parts = [self._prefill_rows(ids[r : r + 1].cuda(), pos[r : r + 1].cuda(), slice(s, s + 1))
+                         for r, s in enumerate(slots)]  # fmt: skip
+                values = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+            self.extras = {name: _to_numpy(values[name]) for name in self.extra_outputs}
+            return values[io.LOGITS].float().cpu().numpy()
+
+    def _prefill_rows(self, ids: torch.Tensor, pos: torch.Tensor, rows: slice) -> dict[str, torch.Tensor]:
+        outputs = self._bind(self._prefill, ids, pos, rows)
+        self._execute(self._prefill)
+        self._store(pos, outputs, rows)
+        return {name: outputs[name] for name in (io.LOGITS, *self.extra_outputs)}
 
     def kv_cache(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """Host copies of one layer's buffers; bfloat16 comes back as float32 (numpy has no bfloat16)."""
         with torch.cuda.stream(self.stream):
-            k, v = self.k[layer], self.v[layer]
-            if k.dtype == torch.bfloat16:
-                k, v = k.float(), v.float()
-            return k.cpu().numpy(), v.cpu().numpy()
+            return _to_numpy(self.k[layer]), _to_numpy(self.v[layer])
 
     def set_kv_cache(self, layer: int, k: np.ndarray, v: np.ndarray) -> None:
         """See `Backend.set_kv_cache` (host arrays copied into the device buffers on the engine's stream)."""
@@ -193,16 +230,41 @@ class TrtBackend(ClosingContext):
         del self._graph, self._decode, self._prefill, self.engine, self._runtime, self.k, self.v, self._out
 
 
+def check_engine(
+    engine_dir: Path, max_batch: int | None, extra_outputs: Sequence[str]
+) -> tuple[dict[str, Any], int, tuple[str, ...]]:
+    """What opening a TensorRT engine directory checks before TensorRT sees it: its manifest (a TensorRT engine
+    of this moetrt, a known plugin mode, the engine file present), max_batch within the engine's profile
+    (default: the manifest's), and each of `extra_outputs` among the per-layer values the engine returns
+    (the manifest's `layer_outputs`). Returns (manifest, max_batch, extra_outputs); MoetrtError (one line)."""
+    manifest = read_manifest(engine_dir, "engine")
+    where = engine_dir / MANIFEST
+    if manifest.get("backend") != "trt":
+        raise MoetrtError(f"{where}: a {manifest.get('backend')!r} engine, expected a TensorRT engine")
+    if manifest.get("plugins") not in ("aot", "jit"):
+        raise MoetrtError(f"{where}: field 'plugins' is {manifest.get('plugins')!r}, expected 'aot' or 'jit'")
+    engine_file = engine_dir / manifest.setdefault("engine", ENGINE_FILE)
+    if not engine_file.is_file():
+        raise MoetrtError(f"{engine_file}: not found; the engine directory is incomplete, rebuild it")
+    limit = int(manifest["max_batch"])
+    if max_batch is not None and not 1 <= max_batch <= limit:
+        raise MoetrtError(f"max_batch: {max_batch} is outside [1, {limit}] (the engine's profile)")
+    available = manifest.get("layer_outputs", [])
+    for name in extra_outputs:
+        if name not in available:
+            offer = f"it returns {', '.join(available[:2])}, ..." if available else "it was built without them"
+            raise MoetrtError(f"{engine_dir}: extra_outputs: {name!r} is not a per-layer output of this TensorRT "
+                              f"engine ({offer}; router logits stay inside its route kernel)")  # fmt: skip
+    return manifest, max_batch or limit, tuple(extra_outputs)
+
+
+def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).cpu().numpy()
+
+
 def _import_tensorrt():
     try:
         import tensorrt as trt
     except ImportError:
         raise MoetrtError(TENSORRT_MISSING) from None
     return trt
-
-
-def _read_manifest(engine_dir: Path) -> dict[str, Any]:
-    manifest = read_manifest(engine_dir, "engine")
-    if manifest.get("backend") != "trt":
-        raise MoetrtError(f"{engine_dir / MANIFEST}: a {manifest.get('backend')!r} engine, expected a TensorRT engine")
-    return manifest
