@@ -40,6 +40,7 @@ from moetrt.names import ENGINE_FILE, MODEL_FILE
 from moetrt.plugins import contract
 from moetrt.plugins.kernels import geometry
 from moetrt.plugins.trt_moe import PLUGIN_API, STAGE_FIELDS, STAGE_OPS
+from moetrt.progress import Progress, silent
 from moetrt.registry import TENSORRT_MISSING
 
 PRECISIONS = {"fp16": "float16", "bf16": "bfloat16"}
@@ -266,6 +267,7 @@ def build_trt_engine(
     layer_outputs: bool = True,
     timing_cache: str | Path | None = DEFAULT_TIMING_CACHE,
     workspace_gib: float | None = None,
+    progress: Progress | None = None,
 ) -> Path:
     """Build a strongly typed TensorRT engine from an export; returns the engine directory.
 
@@ -274,7 +276,8 @@ def build_trt_engine(
     build, and device must be None or "cuda" (an engine runs on the kind of GPU it was built on).
     max_batch / max_seq_len default to, and may not exceed, the export's. layer_outputs marks each layer's
     moe_input / moe_output as engine outputs (for validation). The timing cache file is read if present and
-    rewritten after the build (None disables it). Every check that needs no TensorRT
+    rewritten after the build (None disables it). progress hears of the build's phases (moetrt.progress).
+    Every check that needs no TensorRT
     (`check_build`, `prepare_graph`) runs before tensorrt is imported.
     """
     export_dir, output_dir = Path(export_dir), Path(output_dir)
@@ -305,6 +308,7 @@ def build_trt_engine(
         cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
         config.set_timing_cache(cache, ignore_mismatch=True)
 
+    (progress or silent)("building the TensorRT engine", 0, 0)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise MoetrtError(f"{model_path}: TensorRT failed to build the engine (see the log above)")
