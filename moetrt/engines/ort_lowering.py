@@ -5,6 +5,12 @@ Per node, for layer prefix P (`layers.{i}` from the output name `layers.{i}.moe_
     P.router_logits = MatMul(hidden, router_weight^T)               fp32 at every precision
     P.moe_output    = com.microsoft::MoE(hidden, P.router_logits, fc1, "", fc2)                 precision fp32
                     | com.microsoft::QMoE(hidden, P.router_logits, q1, s1, "", q2, s2)         int8 / int4
+The contract's routing itself (fp32 softmax, top-k with ties to the lower index, renormalisation) is added
+as the model-local function `names.ROUTE_FUNCTION`: router_logits [T, E] -> expert_ids [T, k] int64,
+expert_weights [T, k] fp32, with Softmax and TopK (ONNX TopK breaks ties toward the lower index, as the
+contract does; ORT's MoE kernel picks the higher one, so on an EXACT tie expert_ids may name the expert the
+kernel did not run). Nothing calls it in the saved graph, so it costs nothing; a loader asked for
+`layers.{i}.expert_ids` adds one call node on that layer's router_logits (runtime.ort_session).
 Both kernels take router LOGITS (they apply the softmax), k = top_k, normalize_routing_weights = normalize,
 activation_type="swiglu" with swiglu_fusion=1: fc1 [E, 2F, H] holds w1 and w3 rows interleaved
 (fc1[:, 0::2] = w1, fc1[:, 1::2] = w3) and fc2 = w2 [E, H, F]. The default activation_alpha=1 and
@@ -81,6 +87,13 @@ def lower_topk_moe(model: ir.Model, precision: str, slices: int = 1) -> list[str
     layers = [_lower_node(graph, node, PRECISIONS[precision], slices) for node in nodes]
     if layers:
         graph.opset_imports[MS_DOMAIN] = 1
+        routing = {(n.attributes.get_int("top_k"), n.attributes.get_int("normalize", 1)) for n in nodes}
+        if len(routing) != 1:
+            raise MoetrtError(f"TopKMoE nodes disagree on (top_k, normalize): {sorted(routing)}; expected one routing")
+        top_k, normalize = routing.pop()
+        function = route_function(top_k, bool(normalize), graph.opset_imports[""])
+        model.functions[function.identifier()] = function
+        graph.opset_imports[function.domain] = 1
     if not any(n.domain == contract.DOMAIN for n in graph.all_nodes()):
         graph.opset_imports.pop(contract.DOMAIN, None)
         model.opset_imports.pop(contract.DOMAIN, None)
@@ -150,6 +163,30 @@ def _lower_node(graph: ir.Graph, node: ir.Node, spec: QuantSpec | None, slices: 
     moe.name = f"{prefix}.moe"
     replace_node(graph, node, [*new_nodes, moe])
     return layer
+
+
+def route_function(top_k: int, normalize: bool, opset: int) -> ir.Function:
+    """`names.ROUTE_FUNCTION`: the contract's routing of router logits [T, E] (any float dtype) as standard ops:
+    Cast to fp32 -> Softmax -> TopK(k, largest, sorted; ONNX's tie rule: lower index first) -> expert_ids
+    [T, k] int64 and expert_weights [T, k] fp32, divided by their sum when `normalize`."""
+    logits = ir.Value(name="router_logits")
+    nodes = [ir.Node("", "Cast", [logits], attributes=[ir.AttrInt64("to", ir.DataType.FLOAT)])]
+    nodes.append(ir.Node("", "Softmax", [nodes[-1].outputs[0]], attributes=[ir.AttrInt64("axis", -1)]))
+    k = ir.Node("", "Constant", [], attributes=[ir.AttrTensor("value", ir.tensor(np.array([top_k], np.int64)))])
+    topk = ir.Node("", "TopK", [nodes[-1].outputs[0], k.outputs[0]], num_outputs=2,
+                   attributes=[ir.AttrInt64("axis", -1), ir.AttrInt64("largest", 1), ir.AttrInt64("sorted", 1)])  # fmt: skip
+    nodes += [k, topk]
+    weights, ids = topk.outputs
+    if normalize:
+        axes = ir.Node("", "Constant", [], attributes=[ir.AttrTensor("value", ir.tensor(np.array([-1], np.int64)))])
+        total = ir.Node("", "ReduceSum", [weights, axes.outputs[0]], attributes=[ir.AttrInt64("keepdims", 1)])
+        div = ir.Node("", "Div", [weights, total.outputs[0]])
+        nodes += [axes, total, div]
+        weights = div.outputs[0]
+    ids.name, weights.name = "expert_ids", "expert_weights"
+    domain, name = names.ROUTE_FUNCTION
+    body = ir.Graph([logits], [ids, weights], nodes=nodes, opset_imports={"": opset}, name=name)
+    return ir.Function(domain, name, graph=body, attributes=[])
 
 
 def replace_node(graph: ir.Graph, node: ir.Node, new_nodes: list[ir.Node]) -> None:

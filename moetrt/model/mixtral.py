@@ -45,17 +45,11 @@ def sparse_moe(
     """The TopKMoE op (contract: moetrt/plugins/contract.py), written plainly.
 
     hidden [T, H]; router_weight [E, H]; w1, w3 [E, F, H]; w2 [E, H, F] -> [T, H].
-    logits = hidden @ router_weight^T (model dtype); p = softmax(fp32 logits); top-k of p (ties: the lower
-    expert index wins, via a stable sort; torch.topk's tie order is unspecified); weights renormalised
-    to sum 1 when `normalize`;
+    logits = hidden @ router_weight^T (model dtype), routed by `route` (softmax in fp32, top-k with ties to the
+    lower expert index, renormalised when `normalize`);
     out = sum_j weight_j * w2[e_j] (silu(w1[e_j] x) * (w3[e_j] x)), accumulated in fp32.
     """
-    logits = hidden @ router_weight.t()
-    probs = torch.softmax(logits.float(), dim=-1)
-    sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
-    weights, experts = sorted_probs[:, :top_k], order[:, :top_k]
-    if normalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+    weights, experts = route(hidden @ router_weight.t(), top_k, normalize)
     out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     for e in range(router_weight.shape[0]):
         rows, slot = torch.where(experts == e)
@@ -65,6 +59,18 @@ def sparse_moe(
         y = (F.silu(x @ w1[e].t()) * (x @ w3[e].t())) @ w2[e].t()
         out.index_add_(0, rows, y.float() * weights[rows, slot, None])
     return out.to(hidden.dtype)
+
+
+def route(logits: Tensor, top_k: int, normalize: bool = True) -> tuple[Tensor, Tensor]:
+    """The contract's routing of router logits [T, E] (model dtype): p = softmax(fp32 logits); the top_k largest
+    p in descending order, ties to the lower expert index (a stable sort; torch.topk's tie order is
+    unspecified); renormalised to sum 1 when `normalize`. Returns weights [T, k] fp32 and experts [T, k] int64."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    weights, experts = sorted_probs[:, :top_k], order[:, :top_k]
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, experts
 
 
 class RMSNorm(nn.Module):
