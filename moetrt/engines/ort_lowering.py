@@ -173,8 +173,8 @@ def route_function(top_k: int, normalize: bool, opset: int) -> ir.Function:
     nodes = [ir.Node("", "Cast", [logits], attributes=[ir.AttrInt64("to", ir.DataType.FLOAT)])]
     nodes.append(ir.Node("", "Softmax", [nodes[-1].outputs[0]], attributes=[ir.AttrInt64("axis", -1)]))
     k = ir.Node("", "Constant", [], attributes=[ir.AttrTensor("value", ir.tensor(np.array([top_k], np.int64)))])
-    topk = ir.Node("", "TopK", [nodes[-1].outputs[0], k.outputs[0]], num_outputs=2,
-                   attributes=[ir.AttrInt64("axis", -1), ir.AttrInt64("largest", 1), ir.AttrInt64("sorted", 1)])  # fmt: skip
+    topk_attrs = [ir.AttrInt64("axis", -1), ir.AttrInt64("largest", 1), ir.AttrInt64("sorted", 1)]
+    topk = ir.Node("", "TopK", [nodes[-1].outputs[0], k.outputs[0]], num_outputs=2, attributes=topk_attrs)
     nodes += [k, topk]
     weights, ids = topk.outputs
     if normalize:
