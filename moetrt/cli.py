@@ -289,5 +289,70 @@ def validate(
         raise typer.Exit(1)
 
 
+@command
+def routes(
+    engine_dir: Annotated[Path, typer.Argument(help="engine directory (or a checkpoint directory: eager)")],
+    prompts: Annotated[Path | None, typer.Option(help="a text file, one prompt per line")] = None,
+    text_file: Annotated[Path | None, typer.Option(help="a text file routed as consecutive 256-token prompts")] = None,
+    num_random: Annotated[int, typer.Option(help="seeded random prompts")] = 0,
+    max_new_tokens: Annotated[int, typer.Option(help="greedy tokens generated (and routed) per prompt")] = 32,
+    compare: Annotated[
+        Path | None, typer.Option("--compare", help="a second engine (or checkpoint) replaying the same tokens")
+    ] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: the engine's)")] = None,
+    seed: Annotated[int, typer.Option(help="seed of the random prompts")] = 0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the report as JSON")] = None,
+    plot: Annotated[Path | None, typer.Option(help="write a layer x expert share heatmap (PNG)")] = None,
+) -> None:
+    """Expert load per layer (shares, balancedness, entropy, co-selected pairs, consecutive-token repetition) over
+    prompt and generated tokens; with --compare, per-layer agreement with a second engine on the same tokens."""
+    from moetrt.routes.run import run_routes
+
+    with console.status("routing", spinner="dots") as status:
+        report = run_routes(
+            engine_dir, prompts_file=prompts, text_file=text_file, num_random=num_random,
+            max_new_tokens=max_new_tokens, compare_with=compare, threads=threads, seed=seed, json_out=json_out,
+            plot_out=plot, progress=lambda text: status.update(Text(text)),
+        )  # fmt: skip
+    print_routes(report)
+
+
+def print_routes(report: Any) -> None:
+    """The `moetrt routes` tables: one per part (prompt, generated), then the comparison."""
+    for part, layers in report.layers.items():
+        if not layers[0].tokens:
+            continue
+        table = Table(title=Text(f"{part} tokens: {report.engine} ({report.backend}, top-{report.top_k})"))
+        for column in ("layer", "tokens", "balance", "entropy", "hottest", "coldest", "top pair", "same 1st",
+                       "same any"):  # fmt: skip
+            table.add_column(column, justify="right")
+        for i, s in enumerate(layers):
+            order = sorted(range(report.num_experts), key=lambda e: -s.shares[e])
+            pair = f"{s.top_pairs[0][0]}+{s.top_pairs[0][1]} {s.top_pairs[0][2]:.0%}" if s.top_pairs else "-"
+            table.add_row(
+                str(i), str(s.tokens), f"{s.balancedness:.2f}", f"{s.entropy_bits:.2f} b",
+                f"{order[0]} {s.shares[order[0]]:.0%}", f"{order[-1]} {s.shares[order[-1]]:.0%}", pair,
+                f"{s.same_first:.0%} ({s.same_first_chance_load:.0%})",
+                f"{s.same_any:.0%} ({s.same_any_chance_load:.0%})",
+            )  # fmt: skip
+        console.print(table)
+    console.print(
+        Text("balance = mean/max tokens per expert; entropy in bits (max log2 E); same 1st / same any: consecutive "
+             "tokens sharing the first choice / any expert (chance given the load in brackets)", style="dim")
+    )  # fmt: skip
+    if report.compare is not None:
+        c = report.compare
+        table = Table(title=Text(f"vs {c.engine} ({c.backend}) on the same tokens"))
+        for column in ("layer", "same expert set", "same 1st", "largest share change"):
+            table.add_column(column, justify="right")
+        for i, layer in enumerate(c.layers):
+            e = max(range(report.num_experts), key=lambda j: abs(layer.share_delta[j]))
+            table.add_row(str(i), f"{layer.set_agreement:.1%}", f"{layer.first_agreement:.1%}",
+                          f"expert {e} {layer.share_delta[e]:+.1%}")  # fmt: skip
+        console.print(table)
+        verdict = "no layer" if c.diverging_layer is None else f"layer {c.diverging_layer}"
+        console.print(Text(f"first layer below {c.threshold:.0%} expert-set agreement: {verdict}"))
+
+
 def main() -> None:
     app()

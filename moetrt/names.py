@@ -9,6 +9,11 @@ Per-layer values (graph values an engine can be asked to return for validation o
     layers.{i}.moe_input [tokens, hidden]       the TopKMoE node's input (after the post-attention norm)
     layers.{i}.moe_output [tokens, hidden]      its output
     layers.{i}.router_logits [tokens, experts]  the router's logits (fp32 at every precision)
+    layers.{i}.expert_ids [tokens, top_k] int64     the selected experts, best first (the contract's routing)
+    layers.{i}.expert_weights [tokens, top_k] fp32  their routing weights (renormalised when the node says so)
+An engine computes expert_ids / expert_weights only when they are requested: the ORT lowering puts the
+contract's routing in the graph as the model-local function ROUTE_FUNCTION (domain, name), which a loader
+calls on `router_logits` for the layers asked for; an uncalled function costs nothing.
 """
 
 from __future__ import annotations
@@ -46,6 +51,17 @@ def moe_output(layer: int) -> str:
 
 def router_logits(layer: int) -> str:
     return f"layers.{layer}.router_logits"
+
+
+def expert_ids(layer: int) -> str:
+    return f"layers.{layer}.expert_ids"
+
+
+def expert_weights(layer: int) -> str:
+    return f"layers.{layer}.expert_weights"
+
+
+ROUTE_FUNCTION = ("moetrt.routing", "Route")  # router_logits [T, E] -> expert_ids, expert_weights [T, k]
 
 
 def layer_prefix(layer: int) -> str:

@@ -86,6 +86,12 @@ def build_ort_engine(
             names.router_logits(layer): {"shape": [_tokens(io, layer), config.num_local_experts], "dtype": "float32"}
             for layer in layers
         }
+        k = config.num_experts_per_tok
+        io["routing"] = {  # made on request (ort_lowering.route_function); costs nothing otherwise
+            name: {"shape": [_tokens(io, layer), k], "dtype": dtype}
+            for layer in layers
+            for name, dtype in ((names.expert_ids(layer), "int64"), (names.expert_weights(layer), "float32"))
+        }
         body = {
             "backend": "ort",
             "precision": precision,

@@ -5,6 +5,11 @@ Per node, for layer prefix P (`layers.{i}` from the output name `layers.{i}.moe_
     P.router_logits = MatMul(hidden, router_weight^T)               fp32 at every precision
     P.moe_output    = com.microsoft::MoE(hidden, P.router_logits, fc1, "", fc2)                 precision fp32
                     | com.microsoft::QMoE(hidden, P.router_logits, q1, s1, "", q2, s2)         int8 / int4
+The contract's routing itself (fp32 softmax, top-k with ties to the higher index, renormalisation) is added
+as the model-local function `names.ROUTE_FUNCTION`: router_logits [T, E] -> expert_ids [T, k] int64,
+expert_weights [T, k] fp32 (moetrt.plugins.onnx_route: the tie rule the MoE kernel follows too, so
+expert_ids name the experts the kernel ran). Nothing calls it in the saved graph, so it costs nothing; a
+loader asked for `layers.{i}.expert_ids` adds one call node on that layer's router_logits (runtime.ort_session).
 Both kernels take router LOGITS (they apply the softmax), k = top_k, normalize_routing_weights = normalize,
 activation_type="swiglu" with swiglu_fusion=1: fc1 [E, 2F, H] holds w1 and w3 rows interleaved
 (fc1[:, 0::2] = w1, fc1[:, 1::2] = w3) and fc2 = w2 [E, H, F]. The default activation_alpha=1 and
@@ -38,11 +43,13 @@ from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
+from onnx import TensorProto, helper
 
 from moetrt import names
 from moetrt.engines.ort_quant import LazyQuantized, QuantSpec
 from moetrt.errors import MoetrtError
 from moetrt.plugins import contract
+from moetrt.plugins.onnx_route import contract_topk_nodes
 
 MS_DOMAIN = "com.microsoft"
 # int8: ORT's block-wise 8-bit QMoE has no fp32-activation kernel (it quantizes activations to int8 at any
@@ -82,6 +89,13 @@ def lower_topk_moe(model: ir.Model, precision: str, slices: int = 1) -> list[str
     layers = [_lower_node(graph, node, PRECISIONS[precision], slices) for node in nodes]
     if layers:
         graph.opset_imports[MS_DOMAIN] = 1
+        routing = {(n.attributes.get_int("top_k"), n.attributes.get_int("normalize", 1)) for n in nodes}
+        if len(routing) != 1:
+            raise MoetrtError(f"TopKMoE nodes disagree on (top_k, normalize): {sorted(routing)}; expected one routing")
+        top_k, normalize = routing.pop()
+        function = route_function(top_k, bool(normalize), graph.opset_imports[""])
+        model.functions[function.identifier()] = function
+        graph.opset_imports[function.domain] = 1
     if not any(n.domain == contract.DOMAIN for n in graph.all_nodes()):
         graph.opset_imports.pop(contract.DOMAIN, None)
         model.opset_imports.pop(contract.DOMAIN, None)
@@ -151,6 +165,32 @@ def _lower_node(graph: ir.Graph, node: ir.Node, spec: QuantSpec | None, slices: 
     moe.name = f"{prefix}.moe"
     replace_node(graph, node, [*new_nodes, moe])
     return layer
+
+
+def route_function(top_k: int, normalize: bool, opset: int) -> ir.Function:
+    """`names.ROUTE_FUNCTION`: the contract's routing of router logits [T, E] (any float dtype) as standard ops:
+    Cast to fp32 -> Softmax -> the contract's top-k (`contract_topk_nodes`, ties to the higher expert index,
+    as the MoE kernel) -> expert_ids [T, k] int64 and expert_weights [T, k] fp32, divided by their sum when
+    `normalize`."""
+    c = helper.make_tensor
+    weights = "top_p" if normalize else "expert_weights"
+    nodes = [
+        helper.make_node("Cast", ["router_logits"], ["logits32"], to=TensorProto.FLOAT),
+        helper.make_node("Softmax", ["logits32"], ["probs"], axis=-1),
+        helper.make_node("Constant", [], ["k"], value=c("k", TensorProto.INT64, [1], [top_k])),
+        *contract_topk_nodes("probs", "k", weights, "expert_ids"),
+    ]
+    if normalize:
+        nodes += [
+            helper.make_node("Constant", [], ["axes"], value=c("axes", TensorProto.INT64, [1], [-1])),
+            helper.make_node("ReduceSum", ["top_p", "axes"], ["top_sum"], keepdims=1),
+            helper.make_node("Div", ["top_p", "top_sum"], ["expert_weights"]),
+        ]
+    domain, name = names.ROUTE_FUNCTION
+    proto = helper.make_function(
+        domain, name, ["router_logits"], ["expert_ids", "expert_weights"], nodes, [helper.make_opsetid("", opset)]
+    )
+    return ir.serde.deserialize_function(proto)
 
 
 def replace_node(graph: ir.Graph, node: ir.Node, new_nodes: list[ir.Node]) -> None:

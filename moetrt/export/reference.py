@@ -14,6 +14,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from moetrt.plugins import contract
+from moetrt.plugins.onnx_route import contract_topk_nodes
 
 
 def _node(op: str, inputs: list[str], output: str, **attrs) -> onnx.NodeProto:
@@ -30,9 +31,8 @@ def _attr_constant(output: str, attribute: str) -> onnx.NodeProto:
 def topk_moe_function(opset: int) -> onnx.FunctionProto:
     """The contract's semantics (moetrt/plugins/contract.py) in standard ops of the default domain at `opset`.
 
-    Router logits in the model dtype, softmax / top-k / renormalisation and the weighted sum in fp32. ONNX
-    TopK keeps the lower index first among equal values; the contract ranks the higher index first, so TopK
-    runs on the probabilities in reverse expert order and its indices are mapped back (e = E - 1 - r).
+    Router logits in the model dtype, softmax / top-k (`contract_topk_nodes`: the contract's tie rule) /
+    renormalisation and the weighted sum in fp32.
     """
     c = helper.make_tensor
     nodes = [
@@ -46,15 +46,8 @@ def topk_moe_function(opset: int) -> onnx.FunctionProto:
         _node("Softmax", ["logits32"], "probs", axis=-1),
         _attr_constant("k_scalar", "top_k"),
         _node("Unsqueeze", ["k_scalar", "axis0"], "k"),
-        helper.make_node("Constant", [], ["rev_start"], value=c("rev_start", TensorProto.INT64, [1], [-1])),
-        helper.make_node("Constant", [], ["rev_end"], value=c("rev_end", TensorProto.INT64, [1], [-(2**63)])),
-        _node("Slice", ["probs", "rev_start", "rev_end", "axis_last", "axis_last"], "probs_rev"),  # step -1
-        helper.make_node("TopK", ["probs_rev", "k"], ["top_p", "top_r"], axis=-1, largest=1, sorted=1),
+        *contract_topk_nodes("probs", "k", "top_p", "top_e"),
         _node("Shape", ["probs"], "probs_shape"),
-        _node("Gather", ["probs_shape", "axis_last"], "num_experts"),
-        _node("Sub", ["num_experts", "top_r"], "top_e_plus_1"),
-        helper.make_node("Constant", [], ["one_i"], value=c("one_i", TensorProto.INT64, [], [1])),
-        _node("Sub", ["top_e_plus_1", "one_i"], "top_e"),
         _node("ReduceSum", ["top_p", "axis_last"], "top_sum", keepdims=1),
         _attr_constant("normalize_int", "normalize"),
         _node("Cast", ["normalize_int"], "normalize_f", to=TensorProto.FLOAT),

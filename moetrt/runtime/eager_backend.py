@@ -16,8 +16,8 @@ import torch
 
 from moetrt.errors import MoetrtError
 from moetrt.model.checkpoint import load_model
-from moetrt.model.mixtral import KVCache, Mixtral
-from moetrt.names import moe_input, moe_output, router_logits
+from moetrt.model.mixtral import KVCache, Mixtral, route
+from moetrt.names import expert_ids, expert_weights, moe_input, moe_output, router_logits
 from moetrt.runtime.backend import ClosingContext
 
 
@@ -26,8 +26,9 @@ class EagerBackend(ClosingContext):
     per layer on the model's device and in its dtype.
 
     `extras` holds, after each step, the per-layer values named in `extra_outputs` (`moetrt.names`:
-    moe_input / moe_output [T, H], router_logits [T, E], tokens flattened over the step's batch rows),
-    captured with forward hooks on the MoE blocks, as an engine returns them as graph outputs.
+    moe_input / moe_output [T, H], router_logits [T, E], expert_ids [T, k] int64 / expert_weights [T, k] fp32
+    from the model's own `route`; tokens flattened over the step's batch rows), captured with forward hooks on
+    the MoE blocks, as an engine returns them as graph outputs.
     """
 
     name = "eager"
@@ -42,9 +43,8 @@ class EagerBackend(ClosingContext):
         self.cache = KVCache(self.config, max_batch, max_seq_len, weight.dtype, str(weight.device))
         self.extra_outputs = tuple(extra_outputs)
         self.extras: dict[str, np.ndarray] = {}
-        known = {
-            name(i) for i in range(self.config.num_hidden_layers) for name in (moe_input, moe_output, router_logits)
-        }
+        values = (moe_input, moe_output, router_logits, expert_ids, expert_weights)
+        known = {name(i) for i in range(self.config.num_hidden_layers) for name in values}
         unknown = [name for name in self.extra_outputs if name not in known]
         if unknown:
             raise MoetrtError(f"extra_outputs: {unknown[0]!r} is not a per-layer value of this model (moetrt.names)")
@@ -125,14 +125,13 @@ class EagerBackend(ClosingContext):
 
         def hook(block: torch.nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             flat = args[0].reshape(-1, args[0].shape[-1])
-            values = {
-                moe_input(layer): lambda: flat,
-                moe_output(layer): lambda: output.reshape(flat.shape),
-                router_logits(layer): lambda: flat @ block.gate.weight.t(),  # the contract's logits
-            }
-            for name, value in values.items():
+            values = {moe_input(layer): flat, moe_output(layer): output.reshape(flat.shape)}
+            if {router_logits(layer), expert_ids(layer), expert_weights(layer)} & wanted:
+                logits = values[router_logits(layer)] = flat @ block.gate.weight.t()  # the contract's logits
+            if {expert_ids(layer), expert_weights(layer)} & wanted:
+                values[expert_ids(layer)], values[expert_weights(layer)] = route(logits, block.top_k)
+            for name, tensor in values.items():
                 if name in wanted:
-                    tensor = value()
                     self.extras[name] = (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).cpu().numpy()
 
         return hook

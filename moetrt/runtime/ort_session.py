@@ -23,7 +23,7 @@ import onnx
 
 from moetrt.devices import providers
 from moetrt.errors import MoetrtError
-from moetrt.names import MODEL_FILE
+from moetrt.names import MODEL_FILE, ROUTE_FUNCTION, expert_ids, expert_weights, layer_of, router_logits
 
 
 def session_options(threads: int | None):
@@ -75,7 +75,10 @@ def create_session(
 def add_graph_outputs(model_path: Path, names: Sequence[str]) -> onnx.ModelProto:
     """The graph at `model_path` (weights left external) with intermediate values `names` declared as
     outputs, so a session can return them (the validation suite reads `layers.{i}.moe_input`,
-    `layers.{i}.router_logits`, `layers.{i}.moe_output`). Unknown names are refused."""
+    `layers.{i}.router_logits`, `layers.{i}.moe_output`). `layers.{i}.expert_ids` / `expert_weights` are
+    made on request by one call of the engine's routing function (`moetrt.names.ROUTE_FUNCTION`) on the
+    layer's router logits, so an engine whose routing nobody asks for runs no routing ops. Unknown names
+    are refused."""
     model = onnx.load(str(model_path), load_external_data=False)
     graph = model.graph
     produced = {out: node for node in graph.node for out in node.output}
@@ -84,6 +87,9 @@ def add_graph_outputs(model_path: Path, names: Sequence[str]) -> onnx.ModelProto
     for name in names:
         if name in declared:
             continue
+        if name not in produced and _is_routing_value(name):
+            call = _add_route_call(model, model_path, layer_of(name))
+            produced.update(dict.fromkeys(call.output, call))
         if name not in produced:
             raise MoetrtError(f"{model_path}: no value named {name!r} to add as an output")
         if name in infos:
@@ -91,3 +97,25 @@ def add_graph_outputs(model_path: Path, names: Sequence[str]) -> onnx.ModelProto
         else:
             graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     return model
+
+
+def _is_routing_value(name: str) -> bool:
+    try:
+        layer = layer_of(name)
+    except ValueError:
+        return False
+    return name in (expert_ids(layer), expert_weights(layer))
+
+
+def _add_route_call(model: onnx.ModelProto, model_path: Path, layer: int) -> onnx.NodeProto:
+    """Append `ROUTE_FUNCTION(router_logits(layer)) -> expert_ids(layer), expert_weights(layer)`."""
+    domain, name = ROUTE_FUNCTION
+    if not any((f.domain, f.name) == ROUTE_FUNCTION for f in model.functions):
+        raise MoetrtError(f"{model_path}: the engine has no routing function {domain}::{name}; rebuild it to get "
+                          "expert_ids / expert_weights")  # fmt: skip
+    node = onnx.helper.make_node(
+        name, [router_logits(layer)], [expert_ids(layer), expert_weights(layer)], name=f"layers.{layer}.route",
+        domain=domain,
+    )  # fmt: skip
+    model.graph.node.append(node)
+    return node
