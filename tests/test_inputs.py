@@ -5,6 +5,7 @@ manifests and CLI arguments (hypothesis). Each generated input must give a one-l
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moetrt.errors import MoetrtError
-from moetrt.model.checkpoint import INDEX_FILE, CheckpointReader
+from moetrt.model.checkpoint import INDEX_FILE, CheckpointReader, load_model
 from moetrt.model.config import PRESETS, MixtralConfig
 from moetrt.model.testing import make_checkpoint
 
@@ -215,3 +216,119 @@ def test_shard_index_examples(sharded, tmp_path):
     (d / INDEX_FILE).write_text(json.dumps({**index, "weight_map": {**index["weight_map"], name: other}}))
     with pytest.raises(MoetrtError, match=rf"field 'weight_map.{name}' names {other}, which has no such tensor"):
         CheckpointReader(d)
+
+
+# --- kind 2: RoPE variants and integer weights ---------------------------------------------------------
+ROPE_CASES = {
+    # the issue's example: rope_scaling next to a default rope_parameters; transformers lets rope_scaling win
+    "linear_next_to_default": {"rope_parameters": {"rope_theta": 1e4, "rope_type": "default"},
+                               "rope_scaling": {"type": "linear", "factor": 4.0}, "rope_theta": 1e4},
+    "dynamic": {"rope_parameters": {"rope_theta": 1e4, "rope_type": "dynamic", "factor": 2.0}},
+    "yarn": {"rope_parameters": {"rope_theta": 1e4, "rope_type": "yarn", "factor": 4.0,
+                                 "original_max_position_embeddings": 64}},
+    "llama3": {"rope_parameters": {"rope_theta": 1e4, "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 32}},
+}  # fmt: skip
+HF_BASE = dict(
+    vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
+    head_dim=16, rms_norm_eps=1e-5, architectures=["MixtralForCausalLM"], model_type="mixtral",
+)  # fmt: skip
+
+
+def hf_checkpoint(tmp_path, rope: dict):
+    """A seeded transformers Mixtral saved to tmp_path, its config.json rewritten to carry `rope` verbatim."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**HF_BASE)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p)) if "norm" in name else p.normal_(0.0, 0.2)
+    model.save_pretrained(tmp_path)
+    body = json.loads((tmp_path / "config.json").read_text())
+    body.pop("rope_parameters", None)
+    body.pop("rope_scaling", None)
+    (tmp_path / "config.json").write_text(json.dumps({**body, **rope}))
+    hf = transformers.MixtralForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    return hf, tmp_path
+
+
+@pytest.mark.parametrize("case", ROPE_CASES)
+def test_rope_variants_match_transformers(tmp_path, case):
+    from moetrt.model.mixtral import KVCache
+
+    hf, path = hf_checkpoint(tmp_path, ROPE_CASES[case])
+    ours = load_model(path)
+    assert ours.config.rope_scaling is not None
+    prompt = torch.randint(3, 300, (1, 60), generator=torch.Generator().manual_seed(1))
+    positions = torch.arange(60)[None]
+    with torch.no_grad():
+        want = hf(prompt).logits
+    with torch.inference_mode():
+        cache = KVCache(ours.config, 1, 64, torch.float32)
+        got, _, _ = ours(prompt, positions, cache.k, cache.v)
+        plain = load_model(path)
+        object.__setattr__(plain.config, "rope_scaling", None)
+        wrong, _, _ = plain(prompt, positions, cache.k, cache.v)
+    assert (got - want).abs().max().item() <= 1e-4
+    if case != "dynamic":  # dynamic NTK equals plain RoPE below max_position_embeddings
+        assert (wrong - want).abs().max().item() > 1e-2  # the variant matters at these positions
+
+
+rope_dicts = st.fixed_dictionaries(
+    {"rope_type": st.sampled_from(["default", "linear", "dynamic", "yarn", "llama3", "longrope", "proportional", "x"])},
+    optional={
+        "rope_theta": st.sampled_from([1e4, 5e5, 1e6, 0.0, -1.0, True]),
+        "factor": st.one_of(st.floats(0.5, 64), st.sampled_from([1, 2, None, "2", True])),
+        "original_max_position_embeddings": st.sampled_from([16, 32, 128, 256, 512, 0, None]),
+        "low_freq_factor": st.sampled_from([1.0, 2.0, 4.0, 0.0]),
+        "high_freq_factor": st.sampled_from([1.0, 4.0, 8.0]),
+        "beta_fast": st.sampled_from([32, 16.0, 0.5]),
+        "beta_slow": st.sampled_from([1, 2.0, 64.0]),
+        "attention_factor": st.sampled_from([0.5, 1.0, 1.3]),
+        "mscale": st.sampled_from([0.5, 1.0, 0.707]),
+        "mscale_all_dim": st.sampled_from([0.5, 1.0, 0.707]),
+        "truncate": st.booleans(),
+        "partial_rotary_factor": st.sampled_from([0.5, 1.0]),
+    },
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(rope=rope_dicts, as_scaling=st.booleans())
+def test_rope_resolution_matches_transformers_or_is_refused(rope, as_scaling):
+    """Our (inv_freq, attention scaling) equal transformers' MixtralRotaryEmbedding's for every rope dict we
+    accept; whatever we refuse is refused with one line."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.mixtral.modeling_mixtral import MixtralRotaryEmbedding
+
+    from moetrt.model.rope import rope_frequencies
+
+    body = {**TINY.to_hf_dict(), "rope_theta": 1e6, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}
+    body["rope_scaling" if as_scaling else "rope_parameters"] = rope
+    try:
+        config = MixtralConfig.from_hf_dict(json.loads(json.dumps(body)))
+    except MoetrtError as err:
+        one_line(err)
+        return
+    hf_config = transformers.MixtralConfig.from_dict(json.loads(json.dumps(body)))
+    hf = MixtralRotaryEmbedding(hf_config)
+    inv_freq, scaling = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
+    assert torch.allclose(inv_freq, hf.inv_freq, rtol=1e-6, atol=0), (config.rope_scaling, hf_config.rope_parameters)
+    assert math.isclose(scaling, hf.attention_scaling, rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.uint32, torch.int64, torch.bool])
+def test_integer_weights_are_refused(tmp_path, dtype):
+    from safetensors.torch import load_file, save_file
+
+    path = make_checkpoint(tmp_path / "ck", TINY, seed=0)
+    state = load_file(path / "model.safetensors")
+    state["model.layers.0.self_attn.q_proj.weight"] = state["model.layers.0.self_attn.q_proj.weight"].to(dtype)
+    save_file(state, path / "model.safetensors")
+    with pytest.raises(MoetrtError) as err:
+        load_model(path)
+    message = one_line(err.value)
+    assert "'model.layers.0.self_attn.q_proj.weight' has dtype" in message and "floating-point" in message
+    with pytest.raises(MoetrtError), CheckpointReader(path) as reader:
+        reader.validate()

@@ -118,9 +118,11 @@ class CheckpointReader:
             raise MoetrtError(f"{self.dir}: checkpoint is missing tensor '{name}'")
         file = self._file_of[name]
         try:
-            return self._handle(file).get_tensor(name)
+            tensor = self._handle(file).get_tensor(name)
         except SafetensorError as err:
-            raise MoetrtError(f"{self.dir / file}: cannot read tensor '{name}' ({err})") from None
+            raise MoetrtError(f"{self.dir / file}: cannot read tensor '{name}' ({first_line(str(err))})") from None
+        _check_float(self.dir / file, name, str(tensor.dtype).removeprefix("torch."), tensor.dtype.is_floating_point)
+        return tensor
 
     def _hf(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         """One HF tensor, with its shape checked."""
@@ -153,7 +155,10 @@ class CheckpointReader:
             for hf_name, hf_shape in self._hf_names(name, shape):
                 if hf_name not in self._file_of:
                     raise MoetrtError(f"{self.dir}: checkpoint is missing tensor '{hf_name}'")
-                found = tuple(self._handle(self._file_of[hf_name]).get_slice(hf_name).get_shape())
+                header = self._handle(self._file_of[hf_name]).get_slice(hf_name)
+                dtype = header.get_dtype()
+                _check_float(self.dir / self._file_of[hf_name], hf_name, dtype, dtype.startswith(("F", "BF")))
+                found = tuple(header.get_shape())
                 if found != hf_shape:
                     raise MoetrtError(
                         f"{self.dir}: tensor '{hf_name}' has shape {list(found)}, expected {list(hf_shape)}"
@@ -178,6 +183,13 @@ class CheckpointReader:
             return [(f"{hf}.block_sparse_moe.gate.weight", shape)]
         per_expert = (f, h) if part in ("w1", "w3") else (h, f)
         return [(f"{hf}.block_sparse_moe.experts.{j}.{part}.weight", per_expert) for j in range(e)]
+
+
+def _check_float(file: Path, name: str, dtype: str, floating: bool) -> None:
+    """Weights are floating point: an integer tensor would be cast to float silently (a quantized or foreign
+    checkpoint, or a damaged header), so it is refused."""
+    if not floating:
+        raise MoetrtError(f"{file}: tensor '{name}' has dtype {dtype}; expected a floating-point weight")
 
 
 def load_model(checkpoint_dir: str | Path, dtype: str | None = None, device: str = "cpu") -> Mixtral:
