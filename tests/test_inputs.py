@@ -332,3 +332,131 @@ def test_integer_weights_are_refused(tmp_path, dtype):
     assert "'model.layers.0.self_attn.q_proj.weight' has dtype" in message and "floating-point" in message
     with pytest.raises(MoetrtError), CheckpointReader(path) as reader:
         reader.validate()
+
+
+# --- kind 4: files that are not what their names say, safetensors headers -------------------------------
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    path = make_checkpoint(tmp_path_factory.mktemp("single") / "ck", TINY, seed=5)
+    with CheckpointReader(path) as reader:
+        reference = {name: t.clone() for name, t in reader.tensors()}
+    return path, reference
+
+
+def damaged_copy(src, dst, weights: bytes | None = None):
+    dst.mkdir()
+    for file in src.iterdir():
+        (dst / file.name).write_bytes(file.read_bytes())
+    if weights is not None:
+        (dst / "model.safetensors").write_bytes(weights)
+    return dst
+
+
+header_mutations = st.one_of(
+    st.tuples(st.just("field"), st.integers(0, 1000), st.sampled_from(["dtype", "shape", "data_offsets"]), json_values),
+    st.tuples(st.just("field"), st.integers(0, 1000), st.just("dtype"),
+              st.sampled_from(["I32", "U32", "I64", "BOOL", "F16", "BF16", "F64", "U8", "F8_E4M3", "XX"])),
+    st.tuples(st.just("length"), st.integers(0, 2**64 - 1)),
+    st.tuples(st.just("truncate"), st.integers(0, 100_000)),
+    st.tuples(st.just("metadata"), json_values),
+)  # fmt: skip
+
+
+@FAST
+@given(mutation=header_mutations)
+def test_safetensors_headers_are_checked_or_read_exactly(single, tmp_path_factory, mutation):
+    path, reference = single
+    raw = (path / "model.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    data = raw[8 + n :]
+    if mutation[0] == "field":
+        names = sorted(k for k in header if k != "__metadata__")
+        header[names[mutation[1] % len(names)]][mutation[2]] = mutation[3]
+    elif mutation[0] == "metadata":
+        header["__metadata__"] = mutation[1]
+    if mutation[0] == "length":
+        weights = mutation[1].to_bytes(8, "little") + raw[8:]
+    elif mutation[0] == "truncate":
+        weights = raw[: mutation[1] % len(raw)]
+    else:
+        text = json.dumps(header).encode()
+        weights = len(text).to_bytes(8, "little") + text + data
+    d = damaged_copy(path, tmp_path_factory.mktemp("st") / "ck", weights)
+    try:
+        with CheckpointReader(d) as reader:
+            reader.validate()
+            got = dict(reader.tensors())
+    except MoetrtError as err:
+        one_line(err)
+        return
+    # accepted: the same tensors (a float dtype relabelled with the same byte size would not be)
+    assert all(torch.equal(got[name].float(), reference[name].float()) for name in reference)
+
+
+def test_files_named_safetensors_that_are_not_files(single, tmp_path):
+    path, _ = single
+    cases = {
+        "directory": lambda p: p.mkdir(),
+        "broken symbolic link": lambda p: p.symlink_to(p.parent / "nowhere"),
+        "symbolic link loop": lambda p: p.symlink_to(p),
+    }
+    for case, make in cases.items():
+        d = damaged_copy(path, tmp_path / case.replace(" ", "_"))
+        (d / "model.safetensors").unlink()
+        make(d / "model.safetensors")
+        with pytest.raises(MoetrtError) as err:
+            load_model(d)
+        message = one_line(err.value)
+        assert "model.safetensors" in message and "expected a safetensors file" in message
+    # a stray directory named *.safetensors beside the real weights is not read, nor hashed
+    from moetrt.model.checkpoint import checkpoint_hash
+
+    d = damaged_copy(path, tmp_path / "stray")
+    (d / "extra.safetensors").mkdir()
+    assert checkpoint_hash(d) == checkpoint_hash(path)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory, single):
+    from moetrt.engines.ort import build_ort_engine
+    from moetrt.export import export_checkpoint
+
+    root = tmp_path_factory.mktemp("engine")
+    export = export_checkpoint(single[0], root / "export", max_seq_len=64, max_batch=2, progress=False)
+    return single[0], build_ort_engine(export, root / "engine", progress=False, threads=1), export
+
+
+def engine_copy(engine_dir, dst):
+    dst.mkdir()
+    for file in engine_dir.iterdir():
+        (dst / file.name).write_bytes(file.read_bytes())
+    return dst
+
+
+@pytest.mark.parametrize("damage", ["missing", "directory", "truncated", "data missing", "data broken link"])
+def test_validate_runs_the_engine_checks_generate_runs(engine, tmp_path, damage):
+    from moetrt.names import DATA_FILE, MODEL_FILE
+    from moetrt.runtime.engine import load_backend
+    from moetrt.validate import validate
+
+    checkpoint, engine_dir, _ = engine
+    d = engine_copy(engine_dir, tmp_path / "engine")
+    model, data = d / MODEL_FILE, d / DATA_FILE
+    if damage == "missing":
+        model.unlink()
+    elif damage == "directory":
+        model.unlink()
+        model.mkdir()
+    elif damage == "truncated":
+        model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    elif damage == "data missing":
+        data.unlink()
+    else:
+        data.unlink()
+        data.symlink_to(d / "nowhere")
+    with pytest.raises(MoetrtError) as generate_err:
+        load_backend(d)
+    with pytest.raises(MoetrtError) as validate_err:
+        validate(checkpoint, d, num_random=1, steps=1, batch=1)
+    assert one_line(validate_err.value) == one_line(generate_err.value)

@@ -17,6 +17,7 @@ from moetrt.artifacts import MANIFEST, read_manifest
 from moetrt.errors import MoetrtError
 from moetrt.model.checkpoint import load_model
 from moetrt.model.config import MixtralConfig
+from moetrt.runtime.engine import load_backend
 from moetrt.validate.inputs import check_fits, load_prompts
 from moetrt.validate.report import ValidationReport, render
 from moetrt.validate.runners import EngineUnderTest, open_ort_engine
@@ -84,6 +85,7 @@ def open_engine(engine_dir: Path, config: MixtralConfig) -> EngineUnderTest:
     if manifest.get("backend") == "ort":
         from moetrt.runtime.ort_backend import read_engine_manifest
 
+        load_backend(engine_dir, max_batch=1).close()  # the checks `generate` runs: files, sizes, graph vs manifest
         return open_ort_engine(engine_dir, read_engine_manifest(engine_dir))
     raise MoetrtError(
         f"{engine_dir / MANIFEST}: backend {manifest.get('backend')!r}; validate runs ONNX Runtime engines ('ort')"
