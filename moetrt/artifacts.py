@@ -21,17 +21,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
 
 import moetrt
 from moetrt.errors import MoetrtError
-from moetrt.model.config import MixtralConfig
+from moetrt.fsutil import check_regular_file
+from moetrt.model.config import Dtype, MixtralConfig
 from moetrt.names import MANIFEST, TEXT_FILES
 from moetrt.plugins import contract
+from moetrt.schema import MAX_BATCH, MAX_THREADS, Positions, Strict, load_json, parse
 
 KINDS = ("export", "engine")
 REQUIRED = ("config", "dtype", "max_seq_len", "max_batch", "io", "parent")
@@ -55,18 +60,48 @@ def write_manifest(directory: str | Path, kind: str, body: dict[str, Any]) -> di
     return manifest
 
 
+class FileRecord(Strict):
+    """A file of the artifact as it was written: its size in bytes and the sha256 of its content."""
+
+    size: Annotated[int, Field(ge=0)]
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class Manifest(Strict):
+    """The fields every stage reads (strict types and ranges); stages' own fields are kept as written."""
+
+    kind: Literal["export", "engine"]
+    moetrt_version: str
+    contract_version: int
+    created_at: str
+    config: dict[str, Any]  # MixtralConfig.to_dict(), validated by MixtralConfig.from_dict
+    dtype: Dtype
+    max_seq_len: Positions
+    max_batch: Annotated[int, Field(ge=1, le=MAX_BATCH)]
+    io: dict[str, Any]
+    parent: str
+    backend: str | None = None  # engines: the `moetrt.registry` entry that built it
+    precision: str | None = None
+    threads: Annotated[int, Field(ge=1, le=MAX_THREADS)] | None = None
+    device: str | None = None
+    file_records: dict[Annotated[str, Field(pattern=r"^[^/\\]+$")], FileRecord] | None = None
+
+
 def read_manifest(directory: str | Path, kind: str | tuple[str, ...]) -> dict[str, Any]:
     """The manifest of an artifact of `kind` (or one of several kinds) made by this moetrt under this op
-    contract, or a MoetrtError."""
+    contract, or a MoetrtError.
+
+    Every field a stage reads is checked against `Manifest` (strict types and ranges), the config against
+    `MixtralConfig`, and each file in `file_records` for its recorded size (a cheap check that catches a
+    truncated or swapped weight file; `verify_artifact` checks the digests)."""
     path = Path(directory) / MANIFEST
     kinds = (kind,) if isinstance(kind, str) else kind
     expected = " or ".join(repr(k) for k in kinds) or "no moetrt artifact"
-    if not path.is_file():
-        raise MoetrtError(f"{path}: not found; expected a moetrt {' or '.join(kinds)} directory")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise MoetrtError(f"{path}: corrupt manifest ({err})") from None
+    what = f"a moetrt {' or '.join(kinds)}"
+    if not os.path.lexists(path):
+        raise MoetrtError(f"{path}: not found; expected {what} directory")
+    check_regular_file(path, f"{what} manifest")
+    manifest = load_json(path, f"{what} manifest", problem="corrupt manifest")
     if not isinstance(manifest, dict):
         raise MoetrtError(f"{path}: corrupt manifest (expected a JSON object)")
     if manifest.get("kind") not in kinds:
@@ -81,13 +116,16 @@ def read_manifest(directory: str | Path, kind: str | tuple[str, ...]) -> dict[st
             f"{path}: TopKMoE contract version {manifest.get('contract_version')}, this moetrt implements "
             f"{contract.CONTRACT_VERSION}; re-create the artifact"
         )
-    missing = [name for name in REQUIRED if name not in manifest]
-    if missing:
-        raise MoetrtError(f"{path}: corrupt manifest (missing field '{missing[0]}')")
-    try:
-        MixtralConfig.from_dict(manifest["config"])
-    except (TypeError, ValueError, MoetrtError) as err:
-        raise MoetrtError(f"{path}: corrupt manifest (field 'config': {err})") from None
+    parsed = parse(Manifest, manifest, f"{path}: corrupt manifest")
+    MixtralConfig.from_dict(parsed.config, source=f"{path}: corrupt manifest", within="config")
+    for name, record in (parsed.file_records or {}).items():
+        file = Path(directory) / name
+        check_regular_file(file, f"the artifact's {name} (listed in {MANIFEST})")
+        size = file.stat().st_size
+        if size != record.size:
+            raise MoetrtError(
+                f"{file}: {size} bytes, the manifest records {record.size}; the artifact is damaged, re-create it"
+            )
     return manifest
 
 

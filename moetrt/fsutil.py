@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,3 +41,18 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_regular_file(path: Path, what: str) -> None:
+    """Refuse, with one line, a `path` that is not a regular file (or a symbolic link to one): missing, a
+    directory, a broken symbolic link, a symbolic-link loop, a device or pipe."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        reason = "a broken symbolic link" if path.is_symlink() else "not found"
+        raise MoetrtError(f"{path}: {reason}; expected {what}") from None
+    except OSError as err:  # ELOOP, EACCES, ENAMETOOLONG
+        raise MoetrtError(f"{path}: {err.strerror.lower()}; expected {what}") from None
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+        raise MoetrtError(f"{path}: {kind}; expected {what}")

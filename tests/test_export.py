@@ -162,8 +162,10 @@ def test_ort_matches_eager_prefill_then_decode(exported, checkpoint):
                 ort_cache[f"past_{kind}.{i}"][:, :, pos[0].numpy()] = new  # rows share positions here
 
 
-@pytest.mark.parametrize(("top_k", "normalize", "zero_router"), [(1, True, False), (2, True, False),
-                                                               (3, False, False), (1, True, True), (2, True, True)])
+@pytest.mark.parametrize(
+    ("top_k", "normalize", "zero_router"),
+    [(1, True, False), (2, True, False), (3, False, False), (1, True, True), (2, True, True)],
+)
 def test_reference_function_matches_sparse_moe(top_k, normalize, zero_router):
     """Including a zeroed router: every expert exactly tied, which the contract breaks to the higher index."""
     t, h, f, e = 9, 16, 24, 4

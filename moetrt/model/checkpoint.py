@@ -18,21 +18,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Annotated, Any
 
 import torch
+from pydantic import Field
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from moetrt.errors import MoetrtError
-from moetrt.fsutil import atomic_dir
+from moetrt.fsutil import atomic_dir, check_regular_file
 from moetrt.model.config import MixtralConfig
 from moetrt.model.mixtral import TORCH_DTYPES, Mixtral
+from moetrt.schema import Strict, first_line, load_json, parse
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+SHARD_EXPECTED = f"a safetensors shard listed in {INDEX_FILE}"
 
 
 def canonical_shapes(config: MixtralConfig) -> dict[str, tuple[int, ...]]:
@@ -67,30 +72,26 @@ class CheckpointReader:
         if not self.dir.is_dir():
             raise MoetrtError(f"{self.dir}: not a directory; expected a Hugging Face checkpoint directory")
         self.config = MixtralConfig.from_pretrained(self.dir)
-        self._file_of = self._index()
-        self.fused = any(".mlp.experts.gate_up_proj" in name for name in self._file_of)
         self._stack = ExitStack()
         self._handles: dict[str, object] = {}
+        self._file_of = self._index()
+        self.fused = any(".mlp.experts.gate_up_proj" in name for name in self._file_of)
 
     def _index(self) -> dict[str, str]:
-        index_path = self.dir / INDEX_FILE
-        if index_path.is_file():
-            try:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise MoetrtError(f"{index_path}: malformed index, expected a 'weight_map' object ({err})") from None
-            for shard in set(weight_map.values()):
-                if not (self.dir / shard).is_file():
-                    raise MoetrtError(f"{self.dir / shard}: shard listed in {INDEX_FILE} is missing")
-            return dict(weight_map)
-        single = self.dir / SINGLE_FILE
-        if not single.is_file():
-            raise MoetrtError(f"{self.dir}: no {SINGLE_FILE} or {INDEX_FILE}; expected safetensors weights")
-        try:
-            with safe_open(single, framework="pt") as f:
-                return dict.fromkeys(f.keys(), SINGLE_FILE)
-        except (SafetensorError, OSError) as err:
-            raise MoetrtError(f"{single}: not a readable safetensors file ({err})") from None
+        """Tensor name -> file, from the shard index or the single file; every shard must be a readable
+        safetensors file holding the tensors the index maps to it (checked from the headers)."""
+        index = read_index(self.dir)
+        if index is None:
+            file_of = dict.fromkeys(self._handle(SINGLE_FILE).keys(), SINGLE_FILE)
+        else:
+            file_of = dict(index.weight_map)
+            for shard in sorted(set(file_of.values())):
+                present = set(self._handle(shard).keys())
+                absent = [name for name, file in file_of.items() if file == shard and name not in present]
+                if absent:
+                    where = f"{self.dir / INDEX_FILE}: field 'weight_map.{absent[0]}'"
+                    raise MoetrtError(f"{where} names {shard}, which has no such tensor")
+        return file_of
 
     def __enter__(self) -> CheckpointReader:
         return self
@@ -104,10 +105,12 @@ class CheckpointReader:
 
     def _handle(self, file: str):
         if file not in self._handles:
+            path = self.dir / file
+            check_regular_file(path, "a safetensors file" if file == SINGLE_FILE else SHARD_EXPECTED)
             try:
-                self._handles[file] = self._stack.enter_context(safe_open(self.dir / file, framework="pt"))
+                self._handles[file] = self._stack.enter_context(safe_open(path, framework="pt"))
             except (SafetensorError, OSError) as err:
-                raise MoetrtError(f"{self.dir / file}: not a readable safetensors file ({err})") from None
+                raise MoetrtError(f"{path}: not a readable safetensors file ({first_line(str(err))})") from None
         return self._handles[file]
 
     def _raw(self, name: str) -> torch.Tensor:
@@ -115,9 +118,11 @@ class CheckpointReader:
             raise MoetrtError(f"{self.dir}: checkpoint is missing tensor '{name}'")
         file = self._file_of[name]
         try:
-            return self._handle(file).get_tensor(name)
+            tensor = self._handle(file).get_tensor(name)
         except SafetensorError as err:
-            raise MoetrtError(f"{self.dir / file}: cannot read tensor '{name}' ({err})") from None
+            raise MoetrtError(f"{self.dir / file}: cannot read tensor '{name}' ({first_line(str(err))})") from None
+        _check_float(self.dir / file, name, str(tensor.dtype).removeprefix("torch."), tensor.dtype.is_floating_point)
+        return tensor
 
     def _hf(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         """One HF tensor, with its shape checked."""
@@ -150,7 +155,10 @@ class CheckpointReader:
             for hf_name, hf_shape in self._hf_names(name, shape):
                 if hf_name not in self._file_of:
                     raise MoetrtError(f"{self.dir}: checkpoint is missing tensor '{hf_name}'")
-                found = tuple(self._handle(self._file_of[hf_name]).get_slice(hf_name).get_shape())
+                header = self._handle(self._file_of[hf_name]).get_slice(hf_name)
+                dtype = header.get_dtype()
+                _check_float(self.dir / self._file_of[hf_name], hf_name, dtype, dtype.startswith(("F", "BF")))
+                found = tuple(header.get_shape())
                 if found != hf_shape:
                     raise MoetrtError(
                         f"{self.dir}: tensor '{hf_name}' has shape {list(found)}, expected {list(hf_shape)}"
@@ -175,6 +183,13 @@ class CheckpointReader:
             return [(f"{hf}.block_sparse_moe.gate.weight", shape)]
         per_expert = (f, h) if part in ("w1", "w3") else (h, f)
         return [(f"{hf}.block_sparse_moe.experts.{j}.{part}.weight", per_expert) for j in range(e)]
+
+
+def _check_float(file: Path, name: str, dtype: str, floating: bool) -> None:
+    """Weights are floating point: an integer tensor would be cast to float silently (a quantized or foreign
+    checkpoint, or a damaged header), so it is refused."""
+    if not floating:
+        raise MoetrtError(f"{file}: tensor '{name}' has dtype {dtype}; expected a floating-point weight")
 
 
 def load_model(checkpoint_dir: str | Path, dtype: str | None = None, device: str = "cpu") -> Mixtral:
@@ -263,10 +278,38 @@ def checkpoint_hash(checkpoint_dir: str | Path) -> str:
     safetensors header (names, dtypes, shapes, offsets) - not over the weight bytes, which may be 100 GB."""
     d = Path(checkpoint_dir)
     h = hashlib.sha256((d / "config.json").read_bytes())
-    for file in sorted(d.glob("*.safetensors")):
-        with open(file, "rb") as fh:
+    for file in weight_files(d):
+        path = d / file
+        with open(path, "rb") as fh:
             header_len = int.from_bytes(fh.read(8), "little")
-            h.update(file.name.encode())
-            h.update(str(file.stat().st_size).encode())
+            h.update(file.encode())
+            h.update(str(path.stat().st_size).encode())
             h.update(fh.read(min(header_len, 100_000_000)))
     return h.hexdigest()
+
+
+class ShardIndex(Strict):
+    """`model.safetensors.index.json`: tensor name -> shard file name (a file in the checkpoint directory)."""
+
+    metadata: dict[str, Any] | None = None
+    weight_map: dict[str, Annotated[str, Field(pattern=r"^[^/\\]+\.safetensors$")]]
+
+
+def read_index(checkpoint_dir: Path) -> ShardIndex | None:
+    """The checkpoint's shard index, None when it has a single `model.safetensors`, or a MoetrtError."""
+    index_path = checkpoint_dir / INDEX_FILE
+    if os.path.lexists(index_path):
+        check_regular_file(index_path, "a shard index")
+        return parse(ShardIndex, load_json(index_path, "a shard index"), str(index_path))
+    if not os.path.lexists(checkpoint_dir / SINGLE_FILE):
+        raise MoetrtError(f"{checkpoint_dir}: no {SINGLE_FILE} or {INDEX_FILE}; expected safetensors weights")
+    return None
+
+
+def weight_files(checkpoint_dir: Path) -> list[str]:
+    """The safetensors files a checkpoint's weights are read from (sorted), each checked to be a file."""
+    index = read_index(checkpoint_dir)
+    files = [SINGLE_FILE] if index is None else sorted(set(index.weight_map.values()))
+    for file in files:
+        check_regular_file(checkpoint_dir / file, SHARD_EXPECTED if index else "a safetensors file")
+    return files

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moetrt.model.config import MixtralConfig
+from moetrt.model.config import MixtralConfig, RopeScaling
+from moetrt.model.rope import rope_frequencies
 
 MoEFunction = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, int, bool], Tensor]
 
@@ -99,13 +100,18 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def rope_tables(position_ids: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos, sin [B, T, head_dim] for the half-split (rotate_half) RoPE layout, computed in fp32."""
-    exponent = torch.arange(0, head_dim, 2, dtype=torch.float32, device=position_ids.device) / head_dim
-    inv_freq = 1.0 / (theta**exponent)
+def rope_tables(
+    position_ids: Tensor, head_dim: int, theta: float, dtype: torch.dtype, scaling: RopeScaling | None = None
+) -> tuple[Tensor, Tensor]:
+    """cos, sin [B, T, head_dim] for the half-split (rotate_half) RoPE layout, computed in fp32; `scaling` is
+    the config's RoPE variant (moetrt.model.rope)."""
+    inv_freq, attention_scaling = rope_frequencies(head_dim, theta, scaling, position_ids.device)
     freqs = position_ids.float()[..., None] * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    cos, sin = emb.cos(), emb.sin()
+    if attention_scaling != 1.0:
+        cos, sin = cos * attention_scaling, sin * attention_scaling
+    return cos.to(dtype), sin.to(dtype)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -248,7 +254,7 @@ class Mixtral(nn.Module):
         """
         cfg = self.config
         x = self.embed_tokens(input_ids)
-        cos, sin = rope_tables(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype)
+        cos, sin = rope_tables(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype, cfg.rope_scaling)
         see_cache, see_new = attention_masks(position_ids, k_caches[0].shape[2], cfg.sliding_window)
         new_k, new_v, hidden = [], [], []
         for layer, k_cache, v_cache in zip(self.layers, k_caches, v_caches, strict=True):

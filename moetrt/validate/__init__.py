@@ -19,6 +19,7 @@ from moetrt.model.checkpoint import load_model
 from moetrt.model.config import MixtralConfig
 from moetrt.names import MANIFEST
 from moetrt.registry import backend_entry
+from moetrt.runtime.engine import load_backend
 from moetrt.validate.inputs import check_fits, load_prompts
 from moetrt.validate.report import ValidationReport, render
 from moetrt.validate.runners import EngineUnderTest, open_backend_engine
@@ -84,4 +85,5 @@ def open_engine(engine_dir: Path, config: MixtralConfig) -> EngineUnderTest:
             f"manifest, {getattr(config, field)!r} in the checkpoint's config.json)"
         )
     backend_entry(manifest.get("backend"), f"{engine_dir / MANIFEST}: field 'backend'").require()
+    load_backend(engine_dir, max_batch=1).close()  # the checks `generate` runs: files, sizes, graph vs manifest
     return open_backend_engine(engine_dir, manifest)

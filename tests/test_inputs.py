@@ -1,0 +1,462 @@
+"""Every input checked before it is used: hostile config.json, shard indexes, safetensors headers,
+manifests and CLI arguments (hypothesis). Each generated input must give a one-line MoetrtError (CLI:
+`error: ...`, exit 2) or the right result: never a traceback, a hang, or a silently changed value."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from moetrt.errors import MoetrtError
+from moetrt.model.checkpoint import INDEX_FILE, CheckpointReader, load_model
+from moetrt.model.config import PRESETS, MixtralConfig
+from moetrt.model.testing import make_checkpoint
+
+FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+TINY = PRESETS["tiny"]
+
+# JSON values a hostile file may hold where a field is expected.
+json_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70), st.floats(allow_nan=False),
+    st.text(max_size=8), st.sampled_from(["1", "false", "true", "4", "abc", "[/b]", "float32"]),
+)  # fmt: skip
+json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+    st.text(max_size=5), inner, max_size=3), max_leaves=6)  # fmt: skip
+
+
+def one_line(err: BaseException) -> str:
+    text = str(err)
+    assert text and "\n" not in text and "Traceback" not in text, text
+    return text
+
+
+def is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# --- kind 1: config.json ------------------------------------------------------------------------------
+INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_local_experts", "num_experts_per_tok", "max_position_embeddings")  # fmt: skip
+FLOAT_FIELDS = ("rms_norm_eps", "rope_theta")
+FIELDS = (*INT_FIELDS, *FLOAT_FIELDS, "num_key_value_heads", "head_dim", "sliding_window", "tie_word_embeddings",
+          "bos_token_id", "eos_token_id", "dtype", "architectures", "rope_parameters", "hidden_act")  # fmt: skip
+
+
+def expected_after_success(field: str, value, config: MixtralConfig) -> None:
+    """The parsed config holds exactly what the file said (the oracle for a successful parse)."""
+    if field in INT_FIELDS:
+        assert is_int(value) and getattr(config, field) == value
+    elif field in FLOAT_FIELDS:
+        assert (is_int(value) or isinstance(value, float)) and getattr(config, field) == value
+        if field == "rope_theta":  # rope_parameters.rope_theta wins, as in transformers
+            assert config.rope_theta == TINY.rope_theta
+    elif field in ("num_key_value_heads", "head_dim"):
+        fallback = TINY.num_attention_heads if field == "num_key_value_heads" else TINY.hidden_size // 4
+        assert getattr(config, field) == (fallback if value is None else value) and (value is None or is_int(value))
+    elif field == "sliding_window":
+        assert value is None or is_int(value)
+        assert config.sliding_window == value
+    elif field == "tie_word_embeddings":
+        assert isinstance(value, bool) and config.tie_word_embeddings is value
+    elif field == "bos_token_id":
+        assert (value is None or is_int(value)) and config.bos_token_id == value
+    elif field == "eos_token_id":
+        ids = [] if value is None else value if isinstance(value, list) else [value]
+        assert all(is_int(i) for i in ids) and list(config.eos_token_ids) == ids
+    elif field == "dtype":
+        assert value in ("float32", "float16", "bfloat16") or value is None
+        assert config.dtype == (value or "float32")  # torch_dtype (float32) fills in a null dtype
+    elif field == "architectures":
+        assert value is None or "MixtralForCausalLM" in value
+    elif field == "rope_parameters":
+        rope = value or {}
+        assert isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) in (
+            "default", "linear", "dynamic", "yarn", "llama3")  # fmt: skip
+    elif field == "hidden_act":
+        assert value == "silu"
+    if field not in ("rope_theta", "rope_parameters"):
+        assert config.rope_theta == TINY.rope_theta and config.rope_scaling is None
+
+
+@FAST
+@given(field=st.sampled_from(FIELDS), value=json_values)
+def test_config_json_fields_are_checked_or_kept_exactly(tmp_path_factory, field, value):
+    d = tmp_path_factory.mktemp("cfg")
+    body = TINY.to_hf_dict()
+    body[field] = value
+    (d / "config.json").write_text(json.dumps(body))
+    try:
+        config = MixtralConfig.from_pretrained(d)
+    except MoetrtError as err:
+        message = one_line(err)
+        assert "config.json" in message
+        return
+    expected_after_success(field, value, config)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("num_attention_heads", "4", "field 'num_attention_heads': Input should be a valid integer, found '4'"),
+        ("num_attention_heads", 0, "field 'num_attention_heads': Input should be greater than or equal to 1"),
+        ("rope_theta", "abc", "field 'rope_theta': Input should be a valid number"),
+        ("rope_theta", None, "field 'rope_theta': Input should be a valid number, found None"),
+        ("architectures", 5, "field 'architectures': Input should be a valid list"),
+        ("rope_parameters", "default", "field 'rope_parameters': Input should be a valid dictionary"),
+        ("tie_word_embeddings", "false", "field 'tie_word_embeddings': Input should be a valid boolean"),
+        ("sliding_window", True, "field 'sliding_window': Input should be a valid integer, found True"),
+        ("rms_norm_eps", True, "field 'rms_norm_eps': Input should be a valid number, found True"),
+        ("head_dim", 0, "field 'head_dim': Input should be greater than or equal to 1, found 0"),
+        ("bos_token_id", "1", "field 'bos_token_id': Input should be a valid integer, found '1'"),
+    ],
+)
+def test_config_examples_of_the_issue(tmp_path, field, value, message):
+    body = TINY.to_hf_dict()
+    body[field] = value
+    (tmp_path / "config.json").write_text(json.dumps(body))
+    with pytest.raises(MoetrtError) as err:
+        MixtralConfig.from_pretrained(tmp_path)
+    assert message in one_line(err.value)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"vocab_size": ' + "9" * 5000 + "}", "malformed JSON (Exceeds the limit (4300 digits)"),
+        ("[" * 100_000 + "]" * 100_000, "malformed JSON (nested too deeply)"),
+        ('{"vocab_size": ' + "9" * 4000 + "}", "field 'vocab_size': Input should be less than or equal to 16777216"),
+        ("[1, 2]", "Input should be a valid dictionary"),
+        (b"\xff\xfe{}", "malformed JSON (not UTF-8"),
+    ],
+)
+def test_config_json_huge_ints_and_deep_nesting(tmp_path, text, message):
+    path = tmp_path / "config.json"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(MoetrtError) as err:
+        MixtralConfig.from_pretrained(tmp_path)
+    assert message in one_line(err.value)
+
+
+def test_valid_configs_round_trip():
+    for config in PRESETS.values():
+        assert MixtralConfig.from_dict(config.to_dict()) == config
+        assert MixtralConfig.from_hf_dict(config.to_hf_dict()) == config
+
+
+# --- kind 1: the shard index --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    path = make_checkpoint(tmp_path_factory.mktemp("sharded") / "ck", TINY, seed=3, max_shard_bytes=400_000)
+    index = json.loads((path / INDEX_FILE).read_text())
+    assert len(set(index["weight_map"].values())) >= 2
+    with CheckpointReader(path) as reader:
+        reference = {name: t.clone() for name, t in reader.tensors()}
+    return path, index, reference
+
+
+def copy_checkpoint(src, dst):
+    dst.mkdir()
+    for file in src.iterdir():
+        (dst / file.name).symlink_to(file) if file.suffix == ".safetensors" else (dst / file.name).write_bytes(
+            file.read_bytes())  # fmt: skip
+
+
+index_mutations = st.one_of(
+    st.tuples(st.just("weight_map"), json_values),
+    st.tuples(st.just("metadata"), json_values),
+    st.tuples(st.just("remap"), st.integers(0, 10_000), st.sampled_from(["model-00001-of-00002.safetensors",
+              "model-00002-of-00002.safetensors", "../ck/model.safetensors", "missing.safetensors", "", "/etc/x"])),
+    st.tuples(st.just("drop"), st.integers(0, 10_000)),
+    st.tuples(st.just("document"), json_values),
+)  # fmt: skip
+
+
+@FAST
+@given(mutation=index_mutations)
+def test_shard_index_is_checked_or_read_exactly(sharded, tmp_path_factory, mutation):
+    path, index, reference = sharded
+    d = tmp_path_factory.mktemp("idx") / "ck"
+    copy_checkpoint(path, d)
+    body = json.loads(json.dumps(index))
+    names = sorted(body["weight_map"])
+    if mutation[0] in ("weight_map", "metadata"):
+        body[mutation[0]] = mutation[1]
+    elif mutation[0] == "remap":
+        body["weight_map"][names[mutation[1] % len(names)]] = mutation[2]
+    elif mutation[0] == "drop":
+        del body["weight_map"][names[mutation[1] % len(names)]]
+    else:
+        body = mutation[1]
+    (d / INDEX_FILE).write_text(json.dumps(body))
+    try:
+        with CheckpointReader(d) as reader:
+            reader.validate()
+            got = dict(reader.tensors())
+    except MoetrtError as err:
+        one_line(err)
+        return
+    assert got.keys() == reference.keys()
+    assert all(torch.equal(got[name], reference[name]) for name in reference)
+
+
+def test_shard_index_examples(sharded, tmp_path):
+    path, index, _ = sharded
+    d = tmp_path / "ck"
+    copy_checkpoint(path, d)
+    (d / INDEX_FILE).write_text(json.dumps({**index, "weight_map": list(index["weight_map"].items())}))
+    with pytest.raises(MoetrtError, match=r"field 'weight_map': Input should be a valid dictionary"):
+        CheckpointReader(d)
+    name, shard = next(iter(index["weight_map"].items()))
+    other = next(s for s in set(index["weight_map"].values()) if s != shard)
+    (d / INDEX_FILE).write_text(json.dumps({**index, "weight_map": {**index["weight_map"], name: other}}))
+    with pytest.raises(MoetrtError, match=rf"field 'weight_map.{name}' names {other}, which has no such tensor"):
+        CheckpointReader(d)
+
+
+# --- kind 2: RoPE variants and integer weights ---------------------------------------------------------
+ROPE_CASES = {
+    # the issue's example: rope_scaling next to a default rope_parameters; transformers lets rope_scaling win
+    "linear_next_to_default": {"rope_parameters": {"rope_theta": 1e4, "rope_type": "default"},
+                               "rope_scaling": {"type": "linear", "factor": 4.0}, "rope_theta": 1e4},
+    "dynamic": {"rope_parameters": {"rope_theta": 1e4, "rope_type": "dynamic", "factor": 2.0}},
+    "yarn": {"rope_parameters": {"rope_theta": 1e4, "rope_type": "yarn", "factor": 4.0,
+                                 "original_max_position_embeddings": 64}},
+    "llama3": {"rope_parameters": {"rope_theta": 1e4, "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 32}},
+}  # fmt: skip
+HF_BASE = dict(
+    vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
+    head_dim=16, rms_norm_eps=1e-5, architectures=["MixtralForCausalLM"], model_type="mixtral",
+)  # fmt: skip
+
+
+def hf_checkpoint(tmp_path, rope: dict):
+    """A seeded transformers Mixtral saved to tmp_path, its config.json rewritten to carry `rope` verbatim."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**HF_BASE)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p)) if "norm" in name else p.normal_(0.0, 0.2)
+    model.save_pretrained(tmp_path)
+    body = json.loads((tmp_path / "config.json").read_text())
+    body.pop("rope_parameters", None)
+    body.pop("rope_scaling", None)
+    (tmp_path / "config.json").write_text(json.dumps({**body, **rope}))
+    hf = transformers.MixtralForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    return hf, tmp_path
+
+
+@pytest.mark.parametrize("case", ROPE_CASES)
+def test_rope_variants_match_transformers(tmp_path, case):
+    from moetrt.model.mixtral import KVCache
+
+    hf, path = hf_checkpoint(tmp_path, ROPE_CASES[case])
+    ours = load_model(path)
+    assert ours.config.rope_scaling is not None
+    prompt = torch.randint(3, 300, (1, 60), generator=torch.Generator().manual_seed(1))
+    positions = torch.arange(60)[None]
+    with torch.no_grad():
+        want = hf(prompt).logits
+    with torch.inference_mode():
+        cache = KVCache(ours.config, 1, 64, torch.float32)
+        got, _, _ = ours(prompt, positions, cache.k, cache.v)
+        plain = load_model(path)
+        object.__setattr__(plain.config, "rope_scaling", None)
+        wrong, _, _ = plain(prompt, positions, cache.k, cache.v)
+    assert (got - want).abs().max().item() <= 1e-4
+    if case != "dynamic":  # dynamic NTK equals plain RoPE below max_position_embeddings
+        assert (wrong - want).abs().max().item() > 1e-2  # the variant matters at these positions
+
+
+rope_dicts = st.fixed_dictionaries(
+    {"rope_type": st.sampled_from(["default", "linear", "dynamic", "yarn", "llama3", "longrope", "proportional", "x"])},
+    optional={
+        "rope_theta": st.sampled_from([1e4, 5e5, 1e6, 0.0, -1.0, True]),
+        "factor": st.one_of(st.floats(0.5, 64), st.sampled_from([1, 2, None, "2", True])),
+        "original_max_position_embeddings": st.sampled_from([16, 32, 128, 256, 512, 0, None]),
+        "low_freq_factor": st.sampled_from([1.0, 2.0, 4.0, 0.0]),
+        "high_freq_factor": st.sampled_from([1.0, 4.0, 8.0]),
+        "beta_fast": st.sampled_from([32, 16.0, 0.5]),
+        "beta_slow": st.sampled_from([1, 2.0, 64.0]),
+        "attention_factor": st.sampled_from([0.5, 1.0, 1.3]),
+        "mscale": st.sampled_from([0.5, 1.0, 0.707]),
+        "mscale_all_dim": st.sampled_from([0.5, 1.0, 0.707]),
+        "truncate": st.booleans(),
+        "partial_rotary_factor": st.sampled_from([0.5, 1.0]),
+    },
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(rope=rope_dicts, as_scaling=st.booleans())
+def test_rope_resolution_matches_transformers_or_is_refused(rope, as_scaling):
+    """Our (inv_freq, attention scaling) equal transformers' MixtralRotaryEmbedding's for every rope dict we
+    accept; whatever we refuse is refused with one line."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.mixtral.modeling_mixtral import MixtralRotaryEmbedding
+
+    from moetrt.model.rope import rope_frequencies
+
+    body = {**TINY.to_hf_dict(), "rope_theta": 1e6, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}
+    body["rope_scaling" if as_scaling else "rope_parameters"] = rope
+    try:
+        config = MixtralConfig.from_hf_dict(json.loads(json.dumps(body)))
+    except MoetrtError as err:
+        one_line(err)
+        return
+    hf_config = transformers.MixtralConfig.from_dict(json.loads(json.dumps(body)))
+    hf = MixtralRotaryEmbedding(hf_config)
+    inv_freq, scaling = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
+    assert torch.allclose(inv_freq, hf.inv_freq, rtol=1e-6, atol=0), (config.rope_scaling, hf_config.rope_parameters)
+    assert math.isclose(scaling, hf.attention_scaling, rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.uint32, torch.int64, torch.bool])
+def test_integer_weights_are_refused(tmp_path, dtype):
+    from safetensors.torch import load_file, save_file
+
+    path = make_checkpoint(tmp_path / "ck", TINY, seed=0)
+    state = load_file(path / "model.safetensors")
+    state["model.layers.0.self_attn.q_proj.weight"] = state["model.layers.0.self_attn.q_proj.weight"].to(dtype)
+    save_file(state, path / "model.safetensors")
+    with pytest.raises(MoetrtError) as err:
+        load_model(path)
+    message = one_line(err.value)
+    assert "'model.layers.0.self_attn.q_proj.weight' has dtype" in message and "floating-point" in message
+    with pytest.raises(MoetrtError), CheckpointReader(path) as reader:
+        reader.validate()
+
+
+# --- kind 4: files that are not what their names say, safetensors headers -------------------------------
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    path = make_checkpoint(tmp_path_factory.mktemp("single") / "ck", TINY, seed=5)
+    with CheckpointReader(path) as reader:
+        reference = {name: t.clone() for name, t in reader.tensors()}
+    return path, reference
+
+
+def damaged_copy(src, dst, weights: bytes | None = None):
+    dst.mkdir()
+    for file in src.iterdir():
+        (dst / file.name).write_bytes(file.read_bytes())
+    if weights is not None:
+        (dst / "model.safetensors").write_bytes(weights)
+    return dst
+
+
+header_mutations = st.one_of(
+    st.tuples(st.just("field"), st.integers(0, 1000), st.sampled_from(["dtype", "shape", "data_offsets"]), json_values),
+    st.tuples(st.just("field"), st.integers(0, 1000), st.just("dtype"),
+              st.sampled_from(["I32", "U32", "I64", "BOOL", "F16", "BF16", "F64", "U8", "F8_E4M3", "XX"])),
+    st.tuples(st.just("length"), st.integers(0, 2**64 - 1)),
+    st.tuples(st.just("truncate"), st.integers(0, 100_000)),
+    st.tuples(st.just("metadata"), json_values),
+)  # fmt: skip
+
+
+@FAST
+@given(mutation=header_mutations)
+def test_safetensors_headers_are_checked_or_read_exactly(single, tmp_path_factory, mutation):
+    path, reference = single
+    raw = (path / "model.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    data = raw[8 + n :]
+    if mutation[0] == "field":
+        names = sorted(k for k in header if k != "__metadata__")
+        header[names[mutation[1] % len(names)]][mutation[2]] = mutation[3]
+    elif mutation[0] == "metadata":
+        header["__metadata__"] = mutation[1]
+    if mutation[0] == "length":
+        weights = mutation[1].to_bytes(8, "little") + raw[8:]
+    elif mutation[0] == "truncate":
+        weights = raw[: mutation[1] % len(raw)]
+    else:
+        text = json.dumps(header).encode()
+        weights = len(text).to_bytes(8, "little") + text + data
+    d = damaged_copy(path, tmp_path_factory.mktemp("st") / "ck", weights)
+    try:
+        with CheckpointReader(d) as reader:
+            reader.validate()
+            got = dict(reader.tensors())
+    except MoetrtError as err:
+        one_line(err)
+        return
+    # accepted: the same tensors (a float dtype relabelled with the same byte size would not be)
+    assert all(torch.equal(got[name].float(), reference[name].float()) for name in reference)
+
+
+def test_files_named_safetensors_that_are_not_files(single, tmp_path):
+    path, _ = single
+    cases = {
+        "directory": lambda p: p.mkdir(),
+        "broken symbolic link": lambda p: p.symlink_to(p.parent / "nowhere"),
+        "symbolic link loop": lambda p: p.symlink_to(p),
+    }
+    for case, make in cases.items():
+        d = damaged_copy(path, tmp_path / case.replace(" ", "_"))
+        (d / "model.safetensors").unlink()
+        make(d / "model.safetensors")
+        with pytest.raises(MoetrtError) as err:
+            load_model(d)
+        message = one_line(err.value)
+        assert "model.safetensors" in message and "expected a safetensors file" in message
+    # a stray directory named *.safetensors beside the real weights is not read, nor hashed
+    from moetrt.model.checkpoint import checkpoint_hash
+
+    d = damaged_copy(path, tmp_path / "stray")
+    (d / "extra.safetensors").mkdir()
+    assert checkpoint_hash(d) == checkpoint_hash(path)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory, single):
+    from moetrt.engines.ort import build_ort_engine
+    from moetrt.export import export_checkpoint
+
+    root = tmp_path_factory.mktemp("engine")
+    export = export_checkpoint(single[0], root / "export", max_seq_len=64, max_batch=2, progress=False)
+    return single[0], build_ort_engine(export, root / "engine", progress=False, threads=1), export
+
+
+def engine_copy(engine_dir, dst):
+    dst.mkdir()
+    for file in engine_dir.iterdir():
+        (dst / file.name).write_bytes(file.read_bytes())
+    return dst
+
+
+@pytest.mark.parametrize("damage", ["missing", "directory", "truncated", "data missing", "data broken link"])
+def test_validate_runs_the_engine_checks_generate_runs(engine, tmp_path, damage):
+    from moetrt.names import DATA_FILE, MODEL_FILE
+    from moetrt.runtime.engine import load_backend
+    from moetrt.validate import validate
+
+    checkpoint, engine_dir, _ = engine
+    d = engine_copy(engine_dir, tmp_path / "engine")
+    model, data = d / MODEL_FILE, d / DATA_FILE
+    if damage == "missing":
+        model.unlink()
+    elif damage == "directory":
+        model.unlink()
+        model.mkdir()
+    elif damage == "truncated":
+        model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    elif damage == "data missing":
+        data.unlink()
+    else:
+        data.unlink()
+        data.symlink_to(d / "nowhere")
+    with pytest.raises(MoetrtError) as generate_err:
+        load_backend(d)
+    with pytest.raises(MoetrtError) as validate_err:
+        validate(checkpoint, d, num_random=1, steps=1, batch=1)
+    assert one_line(validate_err.value) == one_line(generate_err.value)
