@@ -354,5 +354,28 @@ def print_routes(report: Any) -> None:
         console.print(Text(f"first layer below {c.threshold:.0%} expert-set agreement: {verdict}"))
 
 
+@command
+def serve(
+    engine_dir: Annotated[Path, typer.Argument(help="engine directory (or a checkpoint directory: eager)")],
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    slots: Annotated[
+        int | None, typer.Option(help="KV slots = requests decoded together (default: the engine's max batch)")
+    ] = None,
+    max_queue: Annotated[int, typer.Option(help="requests waiting for a slot before 429s")] = 64,
+    api_key: Annotated[str | None, typer.Option(help="require 'Authorization: Bearer KEY' on /v1")] = None,
+    served_model_name: Annotated[str | None, typer.Option(help="model id in the API (default: the dir name)")] = None,
+    threads: Annotated[int | None, typer.Option(help="engine CPU threads (default: the engine's)")] = None,
+) -> None:
+    """Serve an OpenAI-compatible API (/v1/completions, /v1/chat/completions, streaming) with continuous batching."""
+    from moetrt.serve.server import serve as run_server
+
+    run_server(
+        engine_dir, host=host, port=port, slots=slots, max_queue=max_queue, api_key=api_key,
+        served_model_name=served_model_name, threads=threads,
+        progress=lambda message: console.print(message, markup=False, highlight=False),
+    )  # fmt: skip
+
+
 def main() -> None:
     app()
