@@ -76,6 +76,9 @@ class _InterimTextModel:
             raise MoetrtError(f"the chat template refused the messages: {err}") from None
         return self.encode(text, add_bos=False)
 
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids)
+
     def detokenizer(self, prompt_ids: list[int]) -> _Detokenizer:
         return _Detokenizer(self.tokenizer, prompt_ids)
 
