@@ -25,6 +25,7 @@ import pytest
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
+from moetrt.model.tokenizer import Tokenizer  # noqa: E402
 from moetrt.runtime.textgen import run_generate  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -93,7 +94,7 @@ def checkpoint(tiny_checkpoint, tmp_path_factory) -> Path:
     shutil.copytree(tiny_checkpoint, path)
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**config, "max_position_embeddings": MAX_SEQ_LEN}))
-    tokenizer_config = {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}
+    tokenizer_config = json.loads((path / "tokenizer_config.json").read_text())
     (path / "tokenizer_config.json").write_text(
         json.dumps({**tokenizer_config, "chat_template": MIXTRAL_CHAT_TEMPLATE})
     )
@@ -188,6 +189,8 @@ def test_streamed_text_equals_non_streamed(server):
     assert all(c.choices[0].finish_reason is None for c in chunks[:-2])
     assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]) == answer.choices[0].message.content
     assert answer.usage.completion_tokens > 0 and answer.choices[0].message.role == "assistant"
+    system = [{"role": "system", "content": "Be brief."}, messages[0]]  # folded into the first user turn
+    assert client.chat.completions.create(model=MODEL, messages=system, max_tokens=2).usage.completion_tokens >= 1
 
 
 def test_concurrent_requests_equal_their_solo_answers(server):
@@ -240,14 +243,10 @@ def test_full_queue_429_and_cancelled_queued_requests_never_run(server):
 
 
 def test_stop_strings_split_across_tokens_are_not_leaked(server, checkpoint):
-    from tokenizers import Tokenizer
-    from tokenizers.decoders import DecodeStream
-
     prompt, n = "The quick brown fox", 40
     result = run_generate(checkpoint, prompts=[prompt], token_ids=[], max_new_tokens=n)
-    tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
-    decoder = DecodeStream(ids=result["prompt_token_ids"], skip_special_tokens=True)
-    pieces = [decoder.step(tokenizer, t) or "" for t in result["token_ids"]]
+    decoder = Tokenizer.from_dir(checkpoint).detokenizer(result["prompt_token_ids"])
+    pieces = [decoder.push(t) for t in result["token_ids"]]
     full = "".join(pieces)
     # A stop string made of the end of one token, a whole token and the start of the next.
     k = next(i for i in range(len(pieces) - 2) if all(len(p) >= 2 and p.isprintable() for p in pieces[i : i + 3]))

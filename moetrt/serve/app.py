@@ -42,10 +42,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from moetrt.errors import MoetrtError
 from moetrt.runtime.sampling import SamplingParams
+from moetrt.runtime.stops import StopMatcher
 from moetrt.serve.engine import EngineUnavailable, GenerationRequest, QueueFull, TokenEngine, TokenStream
 from moetrt.serve.metrics import Metrics
 from moetrt.serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
-from moetrt.serve.stops import StopMatcher
 
 ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics")
 
@@ -71,8 +71,6 @@ class TextSide(Protocol):
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]: ...
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]: ...
-
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
 
     def detokenizer(self, prompt_ids: list[int]) -> Detokenizer: ...
 
@@ -254,21 +252,16 @@ class TextRun:
     """One request's token deltas as text pieces: detokenized, stop strings applied, usage counted.
 
     Iterating yields (text, finish_reason) pairs, finish_reason None until the last; a stop string ends the
-    run with "stop" and cancels the engine request (its slot frees before the next step). At the end, bytes
-    the incremental detokenizer still holds (an incomplete UTF-8 sequence: it never splits a character) are
-    released as a full decode renders them, so the text equals `decode(prompt + tokens)` after the prompt's
-    text, as `moetrt generate` prints it."""
+    run with "stop" and cancels the engine request (its slot frees before the next step). The text is what
+    `moetrt generate` prints for the same tokens: the detokenizer's pieces, cut before the first stop string."""
 
     def __init__(self, stream: TokenStream, spec: GenerationRequest, text: TextSide, stops: StopMatcher):
         self.stream = stream
         self.prompt_tokens = len(spec.prompt_ids)
         self.completion_tokens = 0
-        self._spec = spec
-        self._text = text
+        self._stop_ids = spec.stop_token_ids
         self._detokenizer = text.detokenizer(spec.prompt_ids)
         self._stops = stops
-        self._tokens: list[int] = []  # the answer's tokens (a final stop token excluded)
-        self._raw: list[str] = []  # the detokenizer's output so far
 
     @property
     def usage(self) -> dict[str, int]:
@@ -280,32 +273,18 @@ class TextRun:
             parts = []
             for token in delta.token_ids:
                 self.completion_tokens += 1
-                if delta.finish_reason == "stop" and token in self._spec.stop_token_ids:
+                if delta.finish_reason == "stop" and token in self._stop_ids:
                     break  # the stop token ends the answer and has no text
-                self._tokens.append(token)
-                self._raw.append(self._detokenizer.push(token))
-                text, stopped = self._stops.push(self._raw[-1])
-                parts.append(text)
-                if stopped:
+                parts.append(self._stops.push(self._detokenizer.push(token)))
+                if self._stops.matched is not None:
                     self.stream.cancel()
                     yield "".join(parts), "stop"
                     return
             if delta.finish_reason in ("cancelled", "error"):
                 raise OpenAIError(503, f"the engine ended the request ({delta.finish_reason})", kind="server_error")
             if delta.finish_reason is not None:
-                text, stopped = self._stops.push(self._held_bytes())
-                parts.append(text if stopped else text + self._stops.flush())
-                yield "".join(parts), "stop" if stopped else delta.finish_reason
-                return
-            yield "".join(parts), None
-
-    def _held_bytes(self) -> str:
-        """What a full decode shows after the detokenizer's output: the rendering of a trailing incomplete
-        UTF-8 sequence (U+FFFD), or nothing."""
-        prompt = self._spec.prompt_ids
-        answer = self._text.decode(prompt + self._tokens)[len(self._text.decode(prompt)) :]
-        raw = "".join(self._raw)
-        return answer[len(raw) :] if answer.startswith(raw) else ""
+                parts.append(self._stops.flush())
+            yield "".join(parts), delta.finish_reason
 
 
 class CompletionFormat:

@@ -21,10 +21,10 @@ from types import FrameType
 import uvicorn
 
 from moetrt.errors import MoetrtError
+from moetrt.runtime.text_model import TextModel
 from moetrt.serve.app import Served, create_app, set_served
 from moetrt.serve.metrics import Metrics
 from moetrt.serve.scheduler import Scheduler
-from moetrt.serve.text import open_text_model
 
 START_TIMEOUT_S = 30.0  # for uvicorn to bind its socket
 
@@ -78,7 +78,7 @@ def serve(
             server.should_exit = True
             raise MoetrtError(f"cannot listen on {host}:{port} (address in use or not available)")
         progress(f"listening on http://{host}:{port} (loading {engine_dir}; /health answers 503 until ready)")
-        model = open_text_model(engine_dir, slots=slots, threads=threads)
+        model = TextModel.open(engine_dir, max_batch=slots, threads=threads)
         scheduler = Scheduler(model.backend, max_queue=max_queue, metrics=metrics)
         name = served_model_name or model.name
         set_served(app, Served(name, model, scheduler))
