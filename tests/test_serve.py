@@ -218,6 +218,12 @@ def test_disconnect_mid_stream_frees_the_slot(server):
     cancelled = 'moetrt_requests_finished_total{finish_reason="cancelled"}'
     assert after[cancelled] == before.get(cancelled, 0) + 1
     assert after["moetrt_generation_tokens_total"] - before["moetrt_generation_tokens_total"] < 1000
+    # A non-streamed request whose client gives up (closes the connection) is cancelled too.
+    impatient = openai.OpenAI(base_url=f"{server.base}/v1", api_key=API_KEY, max_retries=0, timeout=1.0)
+    with pytest.raises(openai.APITimeoutError):
+        impatient.completions.create(model=MODEL, prompt="The", temperature=0, **LONG)
+    final = server.wait_metric("moetrt_slots_busy", 0)
+    assert final[cancelled] == before.get(cancelled, 0) + 2
 
 
 def test_full_queue_429_and_cancelled_queued_requests_never_run(server):
