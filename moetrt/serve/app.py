@@ -159,10 +159,11 @@ def create_app(served: Served | None = None, api_key: str | None = None, metrics
     @app.post("/v1/completions")
     async def completions(request: Request, body: CompletionRequest) -> Response:
         current = ready(request, body.model)
-        if isinstance(body.prompt, str):
-            prompt_ids = current.text.encode(body.prompt)
-        else:
-            prompt_ids = check_token_ids(body.prompt, current.engine.vocab_size)
+        try:
+            prompt_ids = current.text.encode(body.prompt) if isinstance(body.prompt, str) else body.prompt
+        except MoetrtError as err:
+            raise OpenAIError(400, str(err), param="prompt") from None
+        check_token_ids(prompt_ids, current.engine.vocab_size)
         spec = plan(current, body, prompt_ids, body.max_tokens, "prompt")
         return await answer(request, current, spec, body, CompletionFormat(current.name))
 
@@ -190,11 +191,12 @@ def model_card(name: str) -> dict[str, Any]:
 
 
 # --- requests -> engine ------------------------------------------------------------------------------------
-def check_token_ids(ids: list[int], vocab_size: int) -> list[int]:
+def check_token_ids(ids: list[int], vocab_size: int) -> None:
+    if not ids:
+        raise OpenAIError(400, "prompt: no tokens to start from", "prompt")
     bad = [i for i in ids if not 0 <= i < vocab_size]
     if bad:
         raise OpenAIError(400, f"prompt: token id {bad[0]} is outside the vocabulary [0, {vocab_size})", "prompt")
-    return ids
 
 
 def plan(
