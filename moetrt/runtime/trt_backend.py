@@ -174,7 +174,7 @@ class TrtBackend(ClosingContext):
         [B, T, vocab]; `extras` then holds the requested per-layer values."""
         b, t = input_ids.shape
         slots = list(range(b)) if slots is None else [int(s) for s in slots]
-        if not 1 <= b <= self.max_batch or position_ids.shape != (b, t):
+        if not 1 <= b <= self.max_batch or t < 1 or position_ids.shape != (b, t):
             raise MoetrtError(f"step: ids {input_ids.shape} / positions {position_ids.shape}; batch must be in "
                               f"[1, {self.max_batch}] and both [B, T]")  # fmt: skip
         if len(slots) != b or len(set(slots)) != b or not all(0 <= s < self.max_batch for s in slots):
