@@ -524,7 +524,7 @@ def test_engine_matches_sparse_moe(tmp_path, plugins, dtype):
     engine = trt.Runtime(logger).deserialize_cuda_engine(serialized)
     assert engine is not None, "TensorRT could not deserialize the engine it built"
     context = engine.create_execution_context()
-    stream = torch.cuda.Stream()  # not the legacy default stream, which TensorRT warns synchronizes
+    stream = torch.cuda.Stream()  # not the default stream, where TensorRT adds device-wide synchronizations
 
     weights = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy()).cuda() for i in model.graph.initializer}
     for tokens in (1, 7, 64):

@@ -13,11 +13,12 @@ Two execution contexts, one per optimization profile (moetrt.engines.trt.profile
   to row slots[b]; the other rows get token 0 at position max_seq_len - 1 and their K/V scatter writes back
   what their slot already held there, so slots not named are untouched. For AOT engines `execute_async_v3`
   plus the scatter are captured once in a CUDA graph and replayed. The capture uses
-  capture_error_mode="thread_local", as TensorRT's own tools do (trtexec, Polygraphy), so CUDA calls from
-  other threads do not invalidate it (torch.cuda.graph defaults to "global"). JIT engines are not captured:
+  capture_error_mode="thread_local", as TensorRT's trtexec captures (cudaStreamCaptureModeThreadLocal in
+  samples/common/sampleDevice.h), so CUDA calls from other threads do not invalidate it (torch.cuda.graph
+  defaults to "global"). JIT engines are not captured:
   their plugin runs Python and torch allocations on every enqueue.
-All work runs on the backend's own stream, never on the legacy default stream (TensorRT warns that
-enqueueing there synchronizes with every other stream).
+All work runs on the backend's own stream, never on the default stream (`execute_async_v3`'s documentation:
+on the default stream TensorRT adds cudaDeviceSynchronize calls to stay correct).
 
 Per-layer values: the engine's manifest lists the values it returns (`layer_outputs`: moe_input(i),
 moe_output(i) of `moetrt.names`); those named in `extra_outputs` at load come back in `extras` after each
