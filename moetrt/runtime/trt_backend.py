@@ -114,10 +114,9 @@ class TrtBackend(ClosingContext):
                   trt.int64: torch.int64, trt.int32: torch.int32}  # fmt: skip
         return dtypes[self.engine.get_tensor_dtype(name)]
 
-    def _bind(self, context, ids: torch.Tensor, pos: torch.Tensor, rows: slice,
-              outputs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+    def _bind(self, context, ids: torch.Tensor, pos: torch.Tensor, rows: slice) -> dict[str, torch.Tensor]:
         """Set shapes and addresses for [B, T] ids/positions and the caches' rows `rows` (B of them, contiguous);
-        allocate every engine output unless given. Returns the outputs by name."""
+        allocate every engine output. Returns the outputs by name."""
         inputs = {io.INPUT_IDS: ids, io.POSITION_IDS: pos}
         for i in range(self.config.num_hidden_layers):
             inputs[io.past_key(i)], inputs[io.past_value(i)] = self.k[i][rows], self.v[i][rows]
@@ -125,9 +124,8 @@ class TrtBackend(ClosingContext):
             if not context.set_input_shape(name, tuple(tensor.shape)):
                 raise MoetrtError(f"engine input {name}: shape {tuple(tensor.shape)} rejected (not in its profile?)")
             context.set_tensor_address(name, tensor.data_ptr())
-        if outputs is None:
-            outputs = {n: torch.empty(tuple(context.get_tensor_shape(n)), dtype=self._torch_dtype(n), device="cuda")
-                       for n in self._outputs}  # fmt: skip
+        outputs = {n: torch.empty(tuple(context.get_tensor_shape(n)), dtype=self._torch_dtype(n), device="cuda")
+                   for n in self._outputs}  # fmt: skip
         for name, tensor in outputs.items():
             context.set_tensor_address(name, tensor.data_ptr())
         return outputs
