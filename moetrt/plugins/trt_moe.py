@@ -30,7 +30,8 @@ attribute as an INT32 PluginField of length 1, whose `data` is a numpy array of 
 to Python scalars"), so every TopKMoE node would fail to parse. For an NDArray annotation the creator calls
 `data.astype(np.int32)` instead, and a JIT plugin serializes the array as INT32 and gets it back the same
 way when the engine is deserialized (tensorrt.plugin `_TemplatePluginCreator.create_plugin`,
-`get_fields_to_serialize`; TensorRT 10.9 to 11.1).
+`get_fields_to_serialize`; TensorRT 10.9 to 11.1; TensorRT's quickly_deployable_plugins sample declares its
+`pads` attribute the same way).
 
 Versions: `aot_impl`, `KernelLaunchParams` and `SymIntExprs` first shipped in TensorRT 10.9, so moetrt needs
 tensorrt >= MIN_TENSORRT (pyproject's `trt` extra); `register_plugin` checks only the API of the mode asked for.

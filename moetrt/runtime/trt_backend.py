@@ -13,11 +13,12 @@ Two execution contexts, one per optimization profile (moetrt.engines.trt.profile
   to row slots[b]; the other rows get token 0 at position max_seq_len - 1 and their K/V scatter writes back
   what their slot already held there, so slots not named are untouched. For AOT engines `execute_async_v3`
   plus the scatter are captured once in a CUDA graph and replayed. The capture uses
-  capture_error_mode="thread_local", as TensorRT's own tools do (trtexec, Polygraphy), so CUDA calls from
-  other threads do not invalidate it (torch.cuda.graph defaults to "global"). JIT engines are not captured:
+  capture_error_mode="thread_local", as TensorRT's trtexec captures (cudaStreamCaptureModeThreadLocal in
+  samples/common/sampleDevice.h), so CUDA calls from other threads do not invalidate it (torch.cuda.graph
+  defaults to "global"). JIT engines are not captured:
   their plugin runs Python and torch allocations on every enqueue.
-All work runs on the backend's own stream, never on the legacy default stream (TensorRT warns that
-enqueueing there synchronizes with every other stream).
+All work runs on the backend's own stream, never on the default stream (`execute_async_v3`'s documentation:
+on the default stream TensorRT adds cudaDeviceSynchronize calls to stay correct).
 
 Per-layer values: the engine's manifest lists the values it returns (`layer_outputs`: moe_input(i),
 moe_output(i) of `moetrt.names`); those named in `extra_outputs` at load come back in `extras` after each
@@ -113,10 +114,9 @@ class TrtBackend(ClosingContext):
                   trt.int64: torch.int64, trt.int32: torch.int32}  # fmt: skip
         return dtypes[self.engine.get_tensor_dtype(name)]
 
-    def _bind(self, context, ids: torch.Tensor, pos: torch.Tensor, rows: slice,
-              outputs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+    def _bind(self, context, ids: torch.Tensor, pos: torch.Tensor, rows: slice) -> dict[str, torch.Tensor]:
         """Set shapes and addresses for [B, T] ids/positions and the caches' rows `rows` (B of them, contiguous);
-        allocate every engine output unless given. Returns the outputs by name."""
+        allocate every engine output. Returns the outputs by name."""
         inputs = {io.INPUT_IDS: ids, io.POSITION_IDS: pos}
         for i in range(self.config.num_hidden_layers):
             inputs[io.past_key(i)], inputs[io.past_value(i)] = self.k[i][rows], self.v[i][rows]
@@ -124,9 +124,8 @@ class TrtBackend(ClosingContext):
             if not context.set_input_shape(name, tuple(tensor.shape)):
                 raise MoetrtError(f"engine input {name}: shape {tuple(tensor.shape)} rejected (not in its profile?)")
             context.set_tensor_address(name, tensor.data_ptr())
-        if outputs is None:
-            outputs = {n: torch.empty(tuple(context.get_tensor_shape(n)), dtype=self._torch_dtype(n), device="cuda")
-                       for n in self._outputs}  # fmt: skip
+        outputs = {n: torch.empty(tuple(context.get_tensor_shape(n)), dtype=self._torch_dtype(n), device="cuda")
+                   for n in self._outputs}  # fmt: skip
         for name, tensor in outputs.items():
             context.set_tensor_address(name, tensor.data_ptr())
         return outputs
@@ -174,7 +173,7 @@ class TrtBackend(ClosingContext):
         [B, T, vocab]; `extras` then holds the requested per-layer values."""
         b, t = input_ids.shape
         slots = list(range(b)) if slots is None else [int(s) for s in slots]
-        if not 1 <= b <= self.max_batch or position_ids.shape != (b, t):
+        if not 1 <= b <= self.max_batch or t < 1 or position_ids.shape != (b, t):
             raise MoetrtError(f"step: ids {input_ids.shape} / positions {position_ids.shape}; batch must be in "
                               f"[1, {self.max_batch}] and both [B, T]")  # fmt: skip
         if len(slots) != b or len(set(slots)) != b or not all(0 <= s < self.max_batch for s in slots):
