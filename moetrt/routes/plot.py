@@ -39,12 +39,13 @@ def plot(report: RoutesReport, path: str | Path) -> Path:
         labels = [f"{i}  agree {c.set_agreement:.0%}" for i, c in enumerate(report.compare.layers)]
         maps.append(("share change vs --compare engine", delta, labels, "RdBu_r"))
     num_layers, num_experts = maps[0][1].shape
+    share_max = max(float(values.max()) for _, values, _, cmap in maps if cmap == "viridis")  # one scale for both
     width = 1.2 + 0.55 * num_experts
     fig, axes = plt.subplots(1, len(maps), figsize=(width * len(maps) + 1.5, 1.2 + 0.4 * num_layers), squeeze=False)
     for ax, (title, values, labels, cmap) in zip(axes[0], maps, strict=True):
-        limit = float(np.abs(values).max()) or 1.0
-        scale = {"vmin": -limit, "vmax": limit} if cmap == "RdBu_r" else {"vmin": 0.0, "vmax": float(values.max())}
-        image = ax.imshow(values, cmap=cmap, aspect="auto", **scale)
+        delta = cmap == "RdBu_r"
+        limit = (float(np.abs(values).max()) or 1.0) if delta else share_max
+        image = ax.imshow(values, cmap=cmap, aspect="auto", vmin=-limit if delta else 0.0, vmax=limit)
         ax.set_title(textwrap.fill(title, 40), fontsize=9)
         ax.set_xlabel("expert")
         ax.set_xticks(range(num_experts))
@@ -52,8 +53,9 @@ def plot(report: RoutesReport, path: str | Path) -> Path:
         ax.set_ylabel("layer")
         if num_experts <= ANNOTATE_MAX_EXPERTS:
             for (row, col), value in np.ndenumerate(values):
-                ax.text(col, row, f"{value:.0%}", ha="center", va="center", fontsize=6, color="white"
-                        if cmap == "viridis" and value < 0.6 * scale["vmax"] else "black")  # fmt: skip
+                dark = abs(value) > 0.6 * limit if delta else value < 0.6 * limit
+                text = f"{value:+.1%}" if delta else f"{value:.0%}"
+                ax.text(col, row, text, ha="center", va="center", fontsize=6, color="white" if dark else "black")
         fig.colorbar(image, ax=ax, fraction=0.05)
     fig.suptitle(textwrap.fill(f"expert load: {report.engine} ({report.backend}), top-{report.top_k}", 100), fontsize=9)
     fig.tight_layout()
