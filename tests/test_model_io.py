@@ -112,7 +112,9 @@ def test_checkpoint_hash_tracks_weights_and_config(tmp_path, tiny_config):
     a = make_checkpoint(tmp_path / "a", tiny_config, seed=1)
     b = make_checkpoint(tmp_path / "b", tiny_config, seed=1)
     c = make_checkpoint(tmp_path / "c", dataclasses.replace(tiny_config, rope_theta=1e4))
+    d = make_checkpoint(tmp_path / "d", tiny_config, seed=2)  # same shapes and headers, other weights
     assert checkpoint_hash(a) == checkpoint_hash(b) != checkpoint_hash(c)
+    assert checkpoint_hash(d) != checkpoint_hash(a)
 
 
 def test_tokenizer_round_trip_and_stream(tiny_checkpoint):

@@ -25,7 +25,7 @@ from typing import Any
 import onnx
 from onnx import helper
 
-from moetrt.artifacts import artifact_hash, carry_tokenizer, read_manifest, write_manifest
+from moetrt.artifacts import carry_tokenizer, lineage, read_manifest, write_manifest
 from moetrt.errors import MoetrtError
 from moetrt.fsutil import atomic_dir
 from moetrt.names import MODEL_FILE
@@ -250,7 +250,7 @@ def build_trt_engine(
             "max_batch": limits["max_batch"],
             "max_seq_len": limits["max_seq_len"],
             "io": manifest.get("io", {}),
-            "parent": artifact_hash(export_dir),
+            **lineage(export_dir, manifest),
             "plugins": plugins,
             "profiles": shapes,
             "engine": ENGINE_FILE,

@@ -258,15 +258,31 @@ def save_checkpoint(
     return out_dir
 
 
+HASH_SAMPLE_BYTES = 4096
+
+
 def checkpoint_hash(checkpoint_dir: str | Path) -> str:
-    """A cheap identity of a checkpoint: sha256 over config.json and each weight file's name, size and
-    safetensors header (names, dtypes, shapes, offsets) - not over the weight bytes, which may be 100 GB."""
+    """A cheap identity of a checkpoint: sha256 over config.json and, per weight file, its name, size,
+    safetensors header (names, dtypes, shapes, offsets) and up to `HASH_SAMPLE_BYTES` bytes at the start,
+    middle and end of every tensor's data - not over all the weight bytes, which may be 100 GB. Two
+    checkpoints of one architecture with different weights (another seed, a fine-tune) differ in those
+    samples; it is an identity for the manifest chain, not an integrity check."""
     d = Path(checkpoint_dir)
     h = hashlib.sha256((d / "config.json").read_bytes())
     for file in sorted(d.glob("*.safetensors")):
         with open(file, "rb") as fh:
             header_len = int.from_bytes(fh.read(8), "little")
+            header = fh.read(min(header_len, 100_000_000))
             h.update(file.name.encode())
             h.update(str(file.stat().st_size).encode())
-            h.update(fh.read(min(header_len, 100_000_000)))
+            h.update(header)
+            try:
+                entries = json.loads(header)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue  # a corrupt file: its header bytes are hashed, reading it fails with its own error
+            for name in sorted(k for k in entries if k != "__metadata__"):
+                start, end = entries[name].get("data_offsets", (0, 0))
+                for offset in sorted({start, (start + end) // 2, max(start, end - HASH_SAMPLE_BYTES)}):
+                    fh.seek(8 + header_len + offset)
+                    h.update(fh.read(max(0, min(HASH_SAMPLE_BYTES, end - offset))))
     return h.hexdigest()
