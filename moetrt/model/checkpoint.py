@@ -9,6 +9,13 @@ A checkpoint directory holds `config.json` and either `model.safetensors` or sha
 - fused (transformers 5 with `save_original_format=False`): `model.layers.{i}.mlp.gate.weight`,
   `model.layers.{i}.mlp.experts.gate_up_proj` [E, 2F, H] (w1 rows first, then w3) and `down_proj` [E, H, F].
 
+Quantized checkpoints (`quantization_config` in config.json): `quant_method: fp8` is read by dequantizing
+each float8 weight at load, a multiply by its scale tensor `<name>_scale` (per-tensor: one value; per-channel:
+one per output row, [N] or [N, 1]) or `<name>_scale_inv` (the same multiplier under transformers'
+FineGrainedFP8 name; block-wise [ceil(N/bn), ceil(K/bk)] with `weight_block_size` [bn, bk]), in fp32.
+Every other method (gptq, awq, bitsandbytes, ...) stores packed integers whose meaning depends on that
+library and is refused with one line naming it.
+
 `CheckpointReader` yields moetrt's canonical tensors (see `Mixtral`: HF names without `model.`, experts
 stacked as `block_sparse_moe.w1|w3` [E, F, H] and `w2` [E, H, F]) one at a time from memory-mapped
 files, so loading or exporting never holds two copies of the model.
@@ -21,6 +28,7 @@ import json
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -33,6 +41,50 @@ from moetrt.model.mixtral import TORCH_DTYPES, Mixtral
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+SCALE_SUFFIXES = ("_scale", "_scale_inv")  # the dequantizing multiplier under either name
+
+
+def quantization(checkpoint_dir: Path) -> dict[str, Any] | None:
+    """config.json's `quantization_config` when it describes fp8 weights (None when there is none), or a
+    one-line MoetrtError naming a method moetrt cannot read."""
+    path = checkpoint_dir / "config.json"
+    try:
+        raw = json.loads(path.read_text()).get("quantization_config")
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None  # MixtralConfig.from_pretrained reports an unreadable config.json
+    if raw is None:
+        return None
+    method = raw.get("quant_method") if isinstance(raw, dict) else None
+    if method != "fp8":
+        raise MoetrtError(
+            f"{path}: quantization_config.quant_method is {method!r}; moetrt reads unquantized checkpoints and "
+            "fp8 ones (float8 weights with weight_scale tensors): dequantize this checkpoint first"
+        )
+    block = raw.get("weight_block_size")
+    if block is not None and not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0
+                                                                                    for b in block)):  # fmt: skip
+        raise MoetrtError(f"{path}: quantization_config.weight_block_size is {block!r}; expected [rows, columns]")
+    return raw
+
+
+def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, block: list[int] | None, name: str) -> torch.Tensor:
+    """fp32 weight [..., N, K] = float8 weight times its scale: per-tensor (one value), per-channel ([..., N] or
+    [..., N, 1]) or, with `block` [bn, bk], block-wise [..., ceil(N/bn), ceil(K/bk)]."""
+    w, scale = weight.float(), scale.float()
+    n, k = w.shape[-2:]
+    if scale.numel() == 1:
+        return w * scale.reshape(())
+    lead = tuple(w.shape[:-2])
+    if tuple(scale.shape) in (lead + (n,), lead + (n, 1)):
+        return w * scale.reshape(*lead, n, 1)
+    if block is not None and tuple(scale.shape) == lead + (-(-n // block[0]), -(-k // block[1])):
+        full = scale.repeat_interleave(block[0], dim=-2).repeat_interleave(block[1], dim=-1)
+        return w * full[..., :n, :k]
+    raise MoetrtError(
+        f"tensor '{name}': scale of shape {list(scale.shape)} fits neither per-tensor, per-channel nor the "
+        f"weight_block_size {block} blocks of a {list(w.shape)} weight"
+    )
 
 
 def canonical_shapes(config: MixtralConfig) -> dict[str, tuple[int, ...]]:
@@ -67,6 +119,7 @@ class CheckpointReader:
         if not self.dir.is_dir():
             raise MoetrtError(f"{self.dir}: not a directory; expected a Hugging Face checkpoint directory")
         self.config = MixtralConfig.from_pretrained(self.dir)
+        self.quantization = quantization(self.dir)
         self._file_of = self._index()
         self.fused = any(".mlp.experts.gate_up_proj" in name for name in self._file_of)
         self._stack = ExitStack()
@@ -115,9 +168,19 @@ class CheckpointReader:
             raise MoetrtError(f"{self.dir}: checkpoint is missing tensor '{name}'")
         file = self._file_of[name]
         try:
-            return self._handle(file).get_tensor(name)
+            tensor = self._handle(file).get_tensor(name)
         except SafetensorError as err:
             raise MoetrtError(f"{self.dir / file}: cannot read tensor '{name}' ({err})") from None
+        if tensor.dtype not in FLOAT8_DTYPES:
+            return tensor
+        if self.quantization is None:
+            raise MoetrtError(f"{self.dir / file}: tensor '{name}' is {tensor.dtype} but config.json has no "
+                              "quantization_config saying how to dequantize it")  # fmt: skip
+        scale = next((name + suffix for suffix in SCALE_SUFFIXES if name + suffix in self._file_of), None)
+        if scale is None:
+            raise MoetrtError(f"{self.dir}: float8 tensor '{name}' has no '{name}_scale' (or '_scale_inv') tensor")
+        scale_tensor = self._handle(self._file_of[scale]).get_tensor(scale)
+        return dequantize_fp8(tensor, scale_tensor, self.quantization.get("weight_block_size"), name)
 
     def _hf(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         """One HF tensor, with its shape checked."""
