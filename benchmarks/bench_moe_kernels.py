@@ -48,8 +48,8 @@ def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
 
 def bench_dtype(dtype_name: str, tokens: list[int], h: int, f: int, e: int, k: int, bandwidth: float) -> list[dict]:
     """Rows of one dtype; the layer's weights (2.8 GB at Mixtral-8x7B sizes) are freed on return."""
-    from moetrt.plugins.kernels.fused import fused_topk_moe
     from moetrt.model.mixtral import route
+    from moetrt.plugins.kernels.fused import fused_topk_moe
 
     dtype = TORCH_DTYPES[dtype_name]
     gen = torch.Generator(device="cuda").manual_seed(0)

@@ -14,6 +14,8 @@ an artifact it cannot use: another kind, another moetrt or op-contract version, 
                       are strings ("batch", "seq")
     parent            hash of what it was made from (`checkpoint_hash` for exports, `artifact_hash` of the
                       export for engines)
+    checkpoint        engines: the `checkpoint_hash` their export was made from (`lineage`), so validation can
+                      tell, without the export at hand, whether an engine comes from the checkpoint it is given
 Stages may add fields of their own.
 """
 
@@ -148,6 +150,12 @@ def check_output_dir(output_dir: Path, source_dir: Path, source: str) -> None:
 def artifact_hash(directory: str | Path) -> str:
     """sha256 of an artifact's manifest: the `parent` a child artifact records."""
     return hashlib.sha256((Path(directory) / MANIFEST).read_bytes()).hexdigest()
+
+
+def lineage(export_dir: str | Path, export_manifest: dict[str, Any]) -> dict[str, str]:
+    """The manifest fields an engine built from `export_dir` records about where it comes from: `parent` (the
+    export's `artifact_hash`) and `checkpoint` (the export's own parent, the checkpoint's hash)."""
+    return {"parent": artifact_hash(export_dir), "checkpoint": export_manifest["parent"]}
 
 
 def carry_tokenizer(source_dir: str | Path, artifact_dir: str | Path) -> None:

@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Any
 
 from moetrt.model.config import DTYPE_BYTES, MixtralConfig, preset
+from moetrt.model.sizes import weight_bytes
 
-# Weight-only quantised formats store about this many bytes per parameter (int4: 4 bits + an fp16
-# scale per block of 32 = 4.5 bits).
-QUANT_BYTES = {"int8": 1.0 + 2 / 32, "int4": 0.5 + 2 / 32}
+# `weight_bytes` keys: the float dtypes by name, then the quantized engine precisions.
+WEIGHT_FORMATS = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int8": "int8", "int4": "int4"}
 
 
 def load_config(checkpoint_dir: Path | None, preset_name: str | None) -> tuple[MixtralConfig, str]:
@@ -22,13 +22,12 @@ def load_config(checkpoint_dir: Path | None, preset_name: str | None) -> tuple[M
 def summary(config: MixtralConfig) -> dict[str, Any]:
     """Every figure `inspect` prints, as one JSON-ready object."""
     counts = config.param_counts()
-    weight_bytes = {dtype: counts["total_params"] * n for dtype, n in DTYPE_BYTES.items()}
-    weight_bytes.update({q: int(counts["total_params"] * n) for q, n in QUANT_BYTES.items()})
+    stored = {name: weight_bytes(config, precision) for name, precision in WEIGHT_FORMATS.items()}
     active_bytes = {dtype: counts["active_params"] * n for dtype, n in DTYPE_BYTES.items()}
     return {
         "config": config.to_dict(),
         **counts,
-        "weight_bytes": weight_bytes,
+        "weight_bytes": stored,
         "active_weight_bytes_per_token": active_bytes,
         "kv_cache_bytes_per_token": {dtype: config.kv_cache_bytes_per_token(dtype) for dtype in DTYPE_BYTES},
     }

@@ -112,7 +112,9 @@ def test_checkpoint_hash_tracks_weights_and_config(tmp_path, tiny_config):
     a = make_checkpoint(tmp_path / "a", tiny_config, seed=1)
     b = make_checkpoint(tmp_path / "b", tiny_config, seed=1)
     c = make_checkpoint(tmp_path / "c", dataclasses.replace(tiny_config, rope_theta=1e4))
+    d = make_checkpoint(tmp_path / "d", tiny_config, seed=2)  # same shapes and headers, other weights
     assert checkpoint_hash(a) == checkpoint_hash(b) != checkpoint_hash(c)
+    assert checkpoint_hash(d) != checkpoint_hash(a)
 
 
 def test_tokenizer_round_trip_and_stream(tiny_checkpoint):
@@ -150,3 +152,74 @@ def test_inspect_checkpoint_table_and_errors(tiny_checkpoint, tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "config.json: not found" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+FP8_SCHEMES = {  # how each scheme's scale is shaped for a weight [N, K], and config.json's extra fields
+    "per-tensor": (lambda w: w.abs().amax().reshape(1), {}),
+    "per-channel": (lambda w: w.abs().amax(dim=-1, keepdim=True), {}),
+    "block": (lambda w: w.unflatten(0, (-1, 16)).unflatten(-1, (-1, 16)).abs().amax(dim=(1, 3)),
+              {"weight_block_size": [16, 16]}),
+}  # fmt: skip
+
+
+def fp8_checkpoint(source, out, scheme: str):
+    """`source` with every attention and expert weight stored as float8_e4m3fn plus a `_scale` multiplier
+    (`_scale_inv` for the block scheme, transformers' FineGrainedFP8 name); router, norms, embeddings and
+    lm_head unquantized, as published fp8 checkpoints keep them. Returns the hand-dequantized weights."""
+    scale_of, extra = FP8_SCHEMES[scheme]
+    tensors = load_file(source / "model.safetensors")
+    expected = {}
+    for name in [n for n in tensors if n.endswith("proj.weight") or ".experts." in n]:
+        w = tensors[name].float()
+        scale = (scale_of(w) / 448.0).float()  # float8_e4m3fn's largest finite value maps to max |w|
+        full = scale.repeat_interleave(16, 0).repeat_interleave(16, 1) if scheme == "block" else scale
+        q = (w / full).to(torch.float8_e4m3fn)
+        tensors[name] = q
+        tensors[name + ("_scale_inv" if scheme == "block" else "_scale")] = scale
+        expected[name] = q.float() * full
+    out.mkdir()
+    save_file(tensors, out / "model.safetensors")
+    body = json.loads((source / "config.json").read_text())
+    body["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", **extra}
+    (out / "config.json").write_text(json.dumps(body))
+    return expected
+
+
+@pytest.mark.parametrize("scheme", list(FP8_SCHEMES))
+def test_fp8_checkpoint_is_dequantized_at_load(tiny_checkpoint, tmp_path, scheme):
+    expected = fp8_checkpoint(tiny_checkpoint, tmp_path / "fp8", scheme)
+    model = load_model(tmp_path / "fp8", dtype="float32")
+    reference = load_model(tiny_checkpoint, dtype="float32")
+    layer = model.layers[1]
+    q = expected["model.layers.1.self_attn.q_proj.weight"]
+    assert torch.equal(layer.self_attn.q_proj.weight, q)
+    w2 = torch.stack([expected[f"model.layers.1.block_sparse_moe.experts.{j}.w2.weight"] for j in range(4)])
+    assert torch.equal(layer.block_sparse_moe.w2, w2)
+    # the scales were applied: close to the unquantized weights (float8 e4m3 keeps 3 mantissa bits) ...
+    for ours, theirs in ((layer.block_sparse_moe.w2, reference.layers[1].block_sparse_moe.w2),
+                         (layer.self_attn.q_proj.weight, reference.layers[1].self_attn.q_proj.weight)):  # fmt: skip
+        assert (ours - theirs).abs().max() <= 0.07 * theirs.abs().max()
+    # ... and the unquantized tensors are read as they are
+    assert torch.equal(layer.block_sparse_moe.gate.weight, reference.layers[1].block_sparse_moe.gate.weight)
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "bitsandbytes", None])
+def test_other_quantization_methods_are_refused_in_one_line(tiny_checkpoint, tmp_path, method):
+    ckpt = tmp_path / "q"
+    ckpt.mkdir()
+    (ckpt / "model.safetensors").symlink_to(tiny_checkpoint / "model.safetensors")
+    body = json.loads((tiny_checkpoint / "config.json").read_text())
+    body["quantization_config"] = {"bits": 4} if method is None else {"quant_method": method, "bits": 4}
+    (ckpt / "config.json").write_text(json.dumps(body))
+    with pytest.raises(MoetrtError, match=f"quant_method is {method!r}") as err:
+        load_model(ckpt)
+    assert "\n" not in str(err.value) and "config.json" in str(err.value)
+
+
+def test_fp8_tensor_without_its_scale_is_refused(tiny_checkpoint, tmp_path):
+    fp8_checkpoint(tiny_checkpoint, tmp_path / "fp8", "per-tensor")
+    tensors = load_file(tmp_path / "fp8" / "model.safetensors")
+    del tensors["model.layers.0.self_attn.k_proj.weight_scale"]
+    save_file(tensors, tmp_path / "fp8" / "model.safetensors")
+    with pytest.raises(MoetrtError, match=r"'model.layers.0.self_attn.k_proj.weight' has no .*_scale"):
+        load_model(tmp_path / "fp8")

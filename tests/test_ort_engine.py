@@ -39,8 +39,9 @@ from moetrt.engines.ort_quant import QuantSpec, quantize
 from moetrt.errors import MoetrtError
 from moetrt.export import export_checkpoint, moe_input, moe_output
 from moetrt.model.checkpoint import CheckpointReader
-from moetrt.model.config import PRESETS
+from moetrt.model.config import PRESETS, MixtralConfig
 from moetrt.model.mixtral import sparse_moe
+from moetrt.model.sizes import weight_bytes
 from moetrt.model.testing import make_checkpoint
 from moetrt.names import MANIFEST, TOKENIZER
 from moetrt.plugins import contract
@@ -275,6 +276,17 @@ def engines(exported, tmp_path_factory):
         return built[precision]
 
     return get
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8", "int4"])
+def test_weight_bytes_are_what_the_engine_stores(exported, engines, precision):
+    """The one byte accounting (moetrt.model.sizes: `moetrt inspect`, the bench's bandwidth bound) against
+    the bytes of the engine's initializers: quantized weights with their block scales, float routers."""
+    engine = engines(precision)
+    graph = onnx.load(str(engine / "model.onnx")).graph
+    stored = sum(numpy_helper.to_array(t, base_dir=str(engine)).nbytes for t in graph.initializer)
+    config = MixtralConfig.from_pretrained(exported.checkpoint)
+    assert stored == weight_bytes(config, precision)
 
 
 def prompt(rng: np.random.Generator, vocab: int, batch: int, length: int) -> tuple[np.ndarray, np.ndarray]:

@@ -31,7 +31,7 @@ from rich.console import Console
 from moetrt.engines.ort import build_ort_engine
 from moetrt.errors import MoetrtError
 from moetrt.export.exporter import export_checkpoint
-from moetrt.model.config import PRESETS, MixtralConfig
+from moetrt.model.config import PRESETS
 from moetrt.model.testing import make_checkpoint
 from moetrt.runtime.eager_backend import EagerBackend
 from moetrt.validate import open_engine, render, validate, validate_engine
@@ -181,7 +181,7 @@ class OffByOneBackend(EagerBackend):
 def test_kv_cache_off_by_one_fails_kv_cache_at_layer_0(checkpoint, engine):
     from moetrt.model.checkpoint import load_model
 
-    opened = open_engine(engine, MixtralConfig.from_pretrained(checkpoint))
+    opened = open_engine(engine, checkpoint)
     model = load_model(checkpoint)
     broken = dataclasses.replace(opened, load_backend=lambda batch: OffByOneBackend(model, batch, MAX_SEQ))
     report = validate_engine(checkpoint, broken, **RUN)
@@ -195,6 +195,19 @@ def test_engine_of_another_model_is_refused_in_one_line(engine, tmp_path):
     other = make_checkpoint(tmp_path / "other", dataclasses.replace(CONFIG, rope_theta=500.0), seed=0)
     with pytest.raises(MoetrtError, match=r"another model \(rope_theta") as err:
         validate(other, engine, **RUN)
+    assert "\n" not in str(err.value)
+
+
+@pytest.fixture(scope="module")
+def int4_engine(export_dir, tmp_path_factory) -> Path:
+    return build_ort_engine(export_dir, tmp_path_factory.mktemp("validate") / "ort-int4", "int4", progress=False)
+
+
+def test_engine_of_other_weights_is_refused_in_one_line(int4_engine, tmp_path):
+    """Same architecture, same file layout, other weights: the engine's manifest chain names its checkpoint."""
+    other = make_checkpoint(tmp_path / "other", CONFIG, seed=1)
+    with pytest.raises(MoetrtError, match=r"engine not built from .*other weights") as err:
+        validate(other, int4_engine, **RUN)
     assert "\n" not in str(err.value)
 
 

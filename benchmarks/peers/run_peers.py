@@ -40,7 +40,7 @@ HF_BACKENDS: dict[str, dict[str, Any]] = {
 ORT_BACKENDS = ("ortgenai-fp32", "ortgenai-int8", "ortgenai-int4")
 DEFAULT_BACKENDS = ("hf-eager-dynamic", "hf-eager-static", *ORT_BACKENDS)
 # Effective bytes per weight incl. block-32 fp32 scales (ORT GenAI keeps the router fp32).
-BYTES_PER_PARAM = {p: bandwidth.BYTES_PER_PARAM[p] for p in ("fp32", "int8", "int4")}
+PRECISIONS = ("fp32", "int8", "int4")
 
 
 def checkpoint_stamp(checkpoint: Path) -> dict[str, Any]:
@@ -197,8 +197,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         config = MixtralConfig.from_pretrained(args.checkpoint)
         membw["bytes_per_token"] = {
-            p: bandwidth.decode_bytes_per_token(config, bpp, router_bytes_per_param=4)["total"]
-            for p, bpp in BYTES_PER_PARAM.items()
+            p: bandwidth.decode_bytes_per_token(config, p)["total"] for p in PRECISIONS
         }
         membw["bound_tokens_per_s"] = {
             p: bandwidth.bound_tokens_per_s(membw["gbs"], n) for p, n in membw["bytes_per_token"].items()

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from moetrt.model.sizes import part_bytes_per_param
+
 
 def read_bandwidth_gbs(threads: int = 1, size_bytes: int = 1 << 30, repeats: int = 5) -> dict[str, Any]:
     """Best-of-`repeats` read bandwidth (GB/s, 1e9 bytes) of summing a `size_bytes` float32 array.
@@ -61,16 +63,10 @@ def read_bandwidth_gbs(threads: int = 1, size_bytes: int = 1 << 30, repeats: int
     return result
 
 
-def decode_bytes_per_token(
-    config: Any,
-    bytes_per_param: float,
-    router_bytes_per_param: float | None = None,
-    context_len: int = 0,
-    expert_bytes_per_param: float | None = None,
-    batch: int = 1,
-) -> dict[str, float]:
+def decode_bytes_per_token(config: Any, precision: str, context_len: int = 0, batch: int = 1) -> dict[str, float]:
     """Bytes one decode step of `batch` rows reads, by part (and `total`), for a Mixtral-class `config`
-    (moetrt `MixtralConfig` or a transformers `MixtralConfig`: same field names).
+    (moetrt `MixtralConfig` or a transformers `MixtralConfig`: same field names) whose weights are stored at
+    `precision` (bytes per parameter of each part: `moetrt.model.sizes.part_bytes_per_param`).
 
         embedding   = B * H                              (one row of the table per token)
         attention   = L * (H*nh*hd + 2*H*nkv*hd + nh*hd*H)   (q, k, v, o projections)
@@ -78,31 +74,28 @@ def decode_bytes_per_token(
         router      = L * E*H
         norms       = (2L + 1) * H
         lm_head     = V*H                                 (read in full even when tied to the embedding)
-        (times bytes_per_param; experts times expert_bytes_per_param and router times
-        router_bytes_per_param, both defaulting to bytes_per_param)
+        (each times its part's bytes per parameter)
         kv_cache    = B * 2 * L * nkv*hd * 4 bytes * context_len   (fp32 K and V of the past tokens)
 
     e(1) = k: a token's top-k experts are distinct. For B > 1 rows, e(B) = E * (1 - (1 - k/E)^B), the
     expected number of distinct experts when each row picks its k uniformly: an estimate (real routing is
-    neither uniform nor independent), which is why figures for B > 1 are labelled as such where shown.
-    Quantized weights: pass the effective bytes including scales, e.g. block-32 int8 with fp32 scales
-    1 + 4/32 = 1.125, int4 0.5 + 4/32 = 0.625."""
+    neither uniform nor independent), which is why figures for B > 1 are labelled as such where shown."""
     h, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
     layers, heads, kv_heads = config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or h // heads
     experts, top_k = config.num_local_experts, config.num_experts_per_tok
-    rb = bytes_per_param if router_bytes_per_param is None else router_bytes_per_param
-    eb = bytes_per_param if expert_bytes_per_param is None else expert_bytes_per_param
     touched = top_k if batch == 1 else experts * (1 - (1 - top_k / experts) ** batch)
-    parts = {
-        "embedding": batch * h * bytes_per_param,
-        "attention": layers * (2 * h * heads * head_dim + 2 * h * kv_heads * head_dim) * bytes_per_param,
-        "experts": layers * touched * 3 * h * f * eb,
-        "router": layers * experts * h * rb,
-        "norms": (2 * layers + 1) * h * bytes_per_param,
-        "lm_head": v * h * bytes_per_param,
-        "kv_cache": batch * 2 * layers * kv_heads * head_dim * 4 * context_len,
+    per_param = part_bytes_per_param(precision)
+    params = {
+        "embedding": batch * h,
+        "attention": layers * (2 * h * heads * head_dim + 2 * h * kv_heads * head_dim),
+        "experts": layers * touched * 3 * h * f,
+        "router": layers * experts * h,
+        "norms": (2 * layers + 1) * h,
+        "lm_head": v * h,
     }
+    parts = {part: n * per_param[part] for part, n in params.items()}
+    parts["kv_cache"] = batch * 2 * layers * kv_heads * head_dim * 4 * context_len
     parts["total"] = sum(parts.values())
     return parts
 
@@ -112,13 +105,6 @@ def bound_tokens_per_s(bandwidth_gbs: float, bytes_per_step: float, batch: int =
     return batch * bandwidth_gbs * 1e9 / bytes_per_step
 
 
-# Effective bytes per weight incl. block-32 fp32 scales.
-BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1 + 4 / 32, "int4": 0.5 + 4 / 32}
-
-
 def engine_bytes_per_token(config: Any, precision: str, batch: int = 1, context_len: int = 0) -> dict[str, float]:
-    """`decode_bytes_per_token` for a moetrt engine (or the eager model) of `precision`: every weight at that
-    width, except that int8 / int4 engines keep the routers float32 (QMoE experts and MatMulNBits attention
-    and lm_head: moetrt/engines/ort_lowering.py, ort_linear.py). ORT GenAI's builder quantizes the same set."""
-    router = BYTES_PER_PARAM["fp32"] if precision in ("int8", "int4") else None
-    return decode_bytes_per_token(config, BYTES_PER_PARAM[precision], router, context_len=context_len, batch=batch)
+    """`decode_bytes_per_token` for a moetrt engine (or the eager model) of `precision`."""
+    return decode_bytes_per_token(config, precision, context_len=context_len, batch=batch)

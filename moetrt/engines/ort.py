@@ -21,9 +21,9 @@ import onnx_ir as ir
 
 from moetrt import names
 from moetrt.artifacts import (
-    artifact_hash,
     carry_tokenizer,
     check_output_dir,
+    lineage,
     manifest_config,
     read_manifest,
     write_manifest,
@@ -106,7 +106,7 @@ def build_ort_engine(
             "max_seq_len": export_manifest["max_seq_len"],
             "max_batch": export_manifest["max_batch"],
             "io": io,
-            "parent": artifact_hash(export_dir),
+            **lineage(export_dir, export_manifest),
         }
         write_manifest(tmp, "engine", body)
         carry_tokenizer(export_dir, tmp)

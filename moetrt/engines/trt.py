@@ -33,7 +33,7 @@ import onnx
 from onnx import helper
 
 from moetrt import names
-from moetrt.artifacts import artifact_hash, carry_tokenizer, check_output_dir, read_manifest, write_manifest
+from moetrt.artifacts import carry_tokenizer, check_output_dir, lineage, read_manifest, write_manifest
 from moetrt.errors import MoetrtError
 from moetrt.fsutil import atomic_dir
 from moetrt.names import ENGINE_FILE, MODEL_FILE
@@ -326,7 +326,7 @@ def build_trt_engine(
             "max_batch": limits["max_batch"],
             "max_seq_len": limits["max_seq_len"],
             "io": manifest.get("io", {}),
-            "parent": artifact_hash(export_dir),
+            **lineage(export_dir, manifest),
             "plugins": plugins,
             "layer_outputs": outputs,
             "ptx": _ptx_record() if plugins == "aot" else None,

@@ -9,6 +9,13 @@ A checkpoint directory holds `config.json` and either `model.safetensors` or sha
 - fused (transformers 5 with `save_original_format=False`): `model.layers.{i}.mlp.gate.weight`,
   `model.layers.{i}.mlp.experts.gate_up_proj` [E, 2F, H] (w1 rows first, then w3) and `down_proj` [E, H, F].
 
+Quantized checkpoints (`quantization_config` in config.json): `quant_method: fp8` is read by dequantizing
+each float8 weight at load, a multiply by its scale tensor `<name>_scale` (per-tensor: one value; per-channel:
+one per output row, [N] or [N, 1]) or `<name>_scale_inv` (the same multiplier under transformers'
+FineGrainedFP8 name; block-wise [ceil(N/bn), ceil(K/bk)] with `weight_block_size` [bn, bk]), in fp32.
+Every other method (gptq, awq, bitsandbytes, ...) stores packed integers whose meaning depends on that
+library and is refused with one line naming it.
+
 `CheckpointReader` yields moetrt's canonical tensors (see `Mixtral`: HF names without `model.`, experts
 stacked as `block_sparse_moe.w1|w3` [E, F, H] and `w2` [E, H, F]) one at a time from memory-mapped
 files, so loading or exporting never holds two copies of the model.
@@ -38,6 +45,50 @@ from moetrt.schema import Strict, first_line, load_json, parse
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 SHARD_EXPECTED = f"a safetensors shard listed in {INDEX_FILE}"
+FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+SCALE_SUFFIXES = ("_scale", "_scale_inv")  # the dequantizing multiplier under either name
+
+
+def quantization(checkpoint_dir: Path) -> dict[str, Any] | None:
+    """config.json's `quantization_config` when it describes fp8 weights (None when there is none), or a
+    one-line MoetrtError naming a method moetrt cannot read."""
+    path = checkpoint_dir / "config.json"
+    try:
+        raw = json.loads(path.read_text()).get("quantization_config")
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None  # MixtralConfig.from_pretrained reports an unreadable config.json
+    if raw is None:
+        return None
+    method = raw.get("quant_method") if isinstance(raw, dict) else None
+    if method != "fp8":
+        raise MoetrtError(
+            f"{path}: quantization_config.quant_method is {method!r}; moetrt reads unquantized checkpoints and "
+            "fp8 ones (float8 weights with weight_scale tensors): dequantize this checkpoint first"
+        )
+    block = raw.get("weight_block_size")
+    if block is not None and not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0
+                                                                                    for b in block)):  # fmt: skip
+        raise MoetrtError(f"{path}: quantization_config.weight_block_size is {block!r}; expected [rows, columns]")
+    return raw
+
+
+def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, block: list[int] | None, name: str) -> torch.Tensor:
+    """fp32 weight [..., N, K] = float8 weight times its scale: per-tensor (one value), per-channel ([..., N] or
+    [..., N, 1]) or, with `block` [bn, bk], block-wise [..., ceil(N/bn), ceil(K/bk)]."""
+    w, scale = weight.float(), scale.float()
+    n, k = w.shape[-2:]
+    if scale.numel() == 1:
+        return w * scale.reshape(())
+    lead = tuple(w.shape[:-2])
+    if tuple(scale.shape) in (lead + (n,), lead + (n, 1)):
+        return w * scale.reshape(*lead, n, 1)
+    if block is not None and tuple(scale.shape) == lead + (-(-n // block[0]), -(-k // block[1])):
+        full = scale.repeat_interleave(block[0], dim=-2).repeat_interleave(block[1], dim=-1)
+        return w * full[..., :n, :k]
+    raise MoetrtError(
+        f"tensor '{name}': scale of shape {list(scale.shape)} fits neither per-tensor, per-channel nor the "
+        f"weight_block_size {block} blocks of a {list(w.shape)} weight"
+    )
 
 
 def canonical_shapes(config: MixtralConfig) -> dict[str, tuple[int, ...]]:
@@ -72,6 +123,7 @@ class CheckpointReader:
         if not self.dir.is_dir():
             raise MoetrtError(f"{self.dir}: not a directory; expected a Hugging Face checkpoint directory")
         self.config = MixtralConfig.from_pretrained(self.dir)
+        self.quantization = quantization(self.dir)
         self._stack = ExitStack()
         self._handles: dict[str, object] = {}
         self._file_of = self._index()
@@ -121,8 +173,19 @@ class CheckpointReader:
             tensor = self._handle(file).get_tensor(name)
         except SafetensorError as err:
             raise MoetrtError(f"{self.dir / file}: cannot read tensor '{name}' ({first_line(str(err))})") from None
-        _check_float(self.dir / file, name, str(tensor.dtype).removeprefix("torch."), tensor.dtype.is_floating_point)
-        return tensor
+        if tensor.dtype not in FLOAT8_DTYPES:
+            _check_float(
+                self.dir / file, name, str(tensor.dtype).removeprefix("torch."), tensor.dtype.is_floating_point
+            )
+            return tensor
+        if self.quantization is None:
+            raise MoetrtError(f"{self.dir / file}: tensor '{name}' is {tensor.dtype} but config.json has no "
+                              "quantization_config saying how to dequantize it")  # fmt: skip
+        scale = next((name + suffix for suffix in SCALE_SUFFIXES if name + suffix in self._file_of), None)
+        if scale is None:
+            raise MoetrtError(f"{self.dir}: float8 tensor '{name}' has no '{name}_scale' (or '_scale_inv') tensor")
+        scale_tensor = self._handle(self._file_of[scale]).get_tensor(scale)
+        return dequantize_fp8(tensor, scale_tensor, self.quantization.get("weight_block_size"), name)
 
     def _hf(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         """One HF tensor, with its shape checked."""
@@ -273,18 +336,34 @@ def save_checkpoint(
     return out_dir
 
 
+HASH_SAMPLE_BYTES = 4096
+
+
 def checkpoint_hash(checkpoint_dir: str | Path) -> str:
-    """A cheap identity of a checkpoint: sha256 over config.json and each weight file's name, size and
-    safetensors header (names, dtypes, shapes, offsets) - not over the weight bytes, which may be 100 GB."""
+    """A cheap identity of a checkpoint: sha256 over config.json and, per weight file, its name, size,
+    safetensors header (names, dtypes, shapes, offsets) and up to `HASH_SAMPLE_BYTES` bytes at the start,
+    middle and end of every tensor's data - not over all the weight bytes, which may be 100 GB. Two
+    checkpoints of one architecture with different weights (another seed, a fine-tune) differ in those
+    samples; it is an identity for the manifest chain, not an integrity check."""
     d = Path(checkpoint_dir)
     h = hashlib.sha256((d / "config.json").read_bytes())
     for file in weight_files(d):
         path = d / file
         with open(path, "rb") as fh:
             header_len = int.from_bytes(fh.read(8), "little")
+            header = fh.read(min(header_len, 100_000_000))
             h.update(file.encode())
             h.update(str(path.stat().st_size).encode())
-            h.update(fh.read(min(header_len, 100_000_000)))
+            h.update(header)
+            try:
+                entries = json.loads(header)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue  # a corrupt file: its header bytes are hashed, reading it fails with its own error
+            for name in sorted(k for k in entries if k != "__metadata__"):
+                start, end = entries[name].get("data_offsets", (0, 0))
+                for offset in sorted({start, (start + end) // 2, max(start, end - HASH_SAMPLE_BYTES)}):
+                    fh.seek(8 + header_len + offset)
+                    h.update(fh.read(max(0, min(HASH_SAMPLE_BYTES, end - offset))))
     return h.hexdigest()
 
 

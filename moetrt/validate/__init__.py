@@ -15,7 +15,7 @@ from pathlib import Path
 
 from moetrt.artifacts import read_manifest
 from moetrt.errors import MoetrtError
-from moetrt.model.checkpoint import load_model
+from moetrt.model.checkpoint import checkpoint_hash, load_model
 from moetrt.model.config import MixtralConfig
 from moetrt.names import MANIFEST
 from moetrt.registry import backend_entry
@@ -47,8 +47,7 @@ def validate(
     report to `json_out` when given.
     """
     checkpoint_dir, engine_dir = Path(checkpoint_dir), Path(engine_dir)
-    config = MixtralConfig.from_pretrained(checkpoint_dir)
-    engine = open_engine(engine_dir, config)
+    engine = open_engine(engine_dir, checkpoint_dir)
     report = validate_engine(checkpoint_dir, engine, prompts_file, num_random, steps, batch, seed)
     if json_out is not None:
         report.write_json(json_out)
@@ -74,8 +73,11 @@ def validate_engine(
     return ValidationReport(str(checkpoint_dir), engine.name, engine.precision, inputs, results)
 
 
-def open_engine(engine_dir: Path, config: MixtralConfig) -> EngineUnderTest:
-    """Open an engine directory for validation, refusing one built from a model other than `config`'s."""
+def open_engine(engine_dir: Path, checkpoint_dir: Path) -> EngineUnderTest:
+    """Open an engine directory for validation, refusing (one line) one built from a model other than the
+    checkpoint's config, or from other weights: the engine's manifest records the hash of the checkpoint its
+    export was made from (`moetrt.artifacts.lineage`)."""
+    config = MixtralConfig.from_pretrained(checkpoint_dir)
     manifest = read_manifest(engine_dir, "engine")
     built_for = MixtralConfig.from_dict(manifest["config"])
     if built_for != config:
@@ -83,6 +85,13 @@ def open_engine(engine_dir: Path, config: MixtralConfig) -> EngineUnderTest:
         raise MoetrtError(
             f"{engine_dir}: engine built from another model ({field} = {getattr(built_for, field)!r} in its "
             f"manifest, {getattr(config, field)!r} in the checkpoint's config.json)"
+        )
+    recorded, actual = manifest.get("checkpoint"), checkpoint_hash(checkpoint_dir)
+    if recorded != actual:
+        raise MoetrtError(
+            f"{engine_dir}: engine not built from {checkpoint_dir} (its manifest records checkpoint hash "
+            f"{str(recorded)[:12]}, this checkpoint's is {actual[:12]}: other weights); validate it against the "
+            "checkpoint it was exported from"
         )
     backend_entry(manifest.get("backend"), f"{engine_dir / MANIFEST}: field 'backend'").require()
     load_backend(engine_dir, max_batch=1).close()  # the checks `generate` runs: files, sizes, graph vs manifest
