@@ -210,12 +210,12 @@ def generate(
 
     conversation = chat_messages(chat, system, messages)
     stream_one = not as_json and len(prompt or []) + len(token_ids or []) <= 1
-    if stream_one and prompt:
-        print_literal(prompt[0], style="dim")
     result = run_generate(
         engine_dir, prompts=prompt or [], token_ids=token_ids or [], messages=conversation,
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-        tokenizer_dir=tokenizer, add_bos=bos, stop=stop or [], on_text=print_literal if stream_one else None,
+        tokenizer_dir=tokenizer, add_bos=bos, stop=stop or [],
+        on_prompt=(lambda text: print_literal(text, style="dim")) if stream_one else None,
+        on_text=print_literal if stream_one else None,
     )  # fmt: skip
     if as_json:
         print_json(result)

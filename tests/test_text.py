@@ -109,6 +109,8 @@ def test_bos_rules_follow_tokenizer_config(realistic_checkpoint, tmp_path):
         for text in CORPUS[:5]:
             expected = [1] * bos + sp.encode(text) + [2] * eos
             assert ours.encode(text) == expected == theirs(text)["input_ids"], (directory.name, text)
+    # A chat is encoded as transformers' apply_chat_template does: the template's tokens only, no EOS appended.
+    assert Tokenizer.from_dir(with_eos).encode_chat(USER) == mistral_v1(USER)
     ours = Tokenizer.from_dir(no_bos)
     assert ours.encode("Hi", add_bos=True)[0] == 1 and ours.encode("Hi")[0] != 1  # --bos overrides the file
     assert Tokenizer.from_dir(realistic_checkpoint).encode("Hi", add_bos=False)[0] != 1  # --no-bos
@@ -335,3 +337,46 @@ def test_cli_version_and_one_line_errors(realistic_checkpoint, tmp_path):
     bad = run_cli("generate", str(realistic_checkpoint), "--chat", "hi", "--temperature", "inf")
     assert bad.returncode == 2 and bad.stderr.startswith("error: sampling temperature must be a finite number")
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+# --- TextModel on a checkpoint and on an engine built from it ---------------------------------------------------
+def test_text_model_opens_a_checkpoint_once(realistic_checkpoint, one_torch_thread):
+    from moetrt.runtime.text_model import TextModel
+
+    with TextModel.open(realistic_checkpoint, max_seq_len=64) as model:
+        assert model.name == realistic_checkpoint.name and model.backend.name == "eager"
+        assert model.config.vocab_size == 32000 and model.stop_token_ids == frozenset({2})
+        assert model.chat_template.startswith("{{ bos_token }}")
+        ids = model.encode_chat(USER)
+        assert ids == mistral_v1(USER) and model.decode(ids) == model.render_chat(USER).removeprefix("<s>")
+        assert model.encode("Hi", add_bos=False) == [15359]
+        detok = model.detokenizer(ids)
+        assert "".join(detok.push(t) for t in model.encode("Paris", add_bos=False)) == " Paris"
+
+
+@pytest.fixture(scope="module")
+def realistic_engine(realistic_checkpoint, tmp_path_factory):
+    """An ORT fp32 engine of the realistic checkpoint, exported at 64 positions."""
+    from moetrt.engines.ort import build_ort_engine
+    from moetrt.export import export_checkpoint
+
+    root = tmp_path_factory.mktemp("realistic-engine")
+    export = export_checkpoint(realistic_checkpoint, root / "export", max_seq_len=64, dtype="float32", progress=False)
+    return export, build_ort_engine(export, root / "engine", precision="fp32", threads=1)
+
+
+@pytest.mark.slow
+def test_engine_carries_the_text_files_and_chats(realistic_checkpoint, realistic_engine, tmp_path):
+    expected = {name for name in TEXT_FILES if (realistic_checkpoint / name).is_file()}
+    for artifact in realistic_engine:
+        assert expected <= {p.name for p in artifact.iterdir()}, artifact
+    engine = realistic_engine[1]
+    messages = tmp_path / "messages.json"
+    messages.write_text(json.dumps(SYSTEM))
+    result = run_cli("generate", str(engine), "--messages", str(messages), "--max-new-tokens", "8", "--json")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["backend"] == "ort" and out["prompt_token_ids"] == mistral_v1(SYSTEM)
+    tok = Tokenizer.from_dir(engine)
+    prompt, new = out["prompt_token_ids"], out["token_ids"]
+    assert out["text"] == tok.decode(prompt + new)[len(tok.decode(prompt)) :]
