@@ -200,6 +200,19 @@ def test_chat_template_sandbox(tok):
         evil.render_chat(USER)
 
 
+def test_chat_template_sources(realistic_checkpoint, tmp_path):
+    """chat_template.jinja wins over tokenizer_config.json's (as in transformers); a list of named templates
+    gives its "default"; a malformed template is one line."""
+    named = [{"name": "tool_use", "template": "x"}, {"name": "default", "template": "{{ messages[0].content }}!"}]
+    listed = text_copy(realistic_checkpoint, tmp_path / "listed", chat_template=named)
+    assert Tokenizer.from_dir(listed).render_chat(USER) == USER[0]["content"] + "!"
+    (listed / "chat_template.jinja").write_text("{{ bos_token }}{{ messages | length }}")
+    assert Tokenizer.from_dir(listed).render_chat(MULTI) == "<s>3"
+    (listed / "chat_template.jinja").write_text("{% for m in messages %}")
+    with pytest.raises(MoetrtError, match=r"^chat_template: not a valid Jinja2 template \(line 1: "):
+        Tokenizer.from_dir(listed).render_chat(USER)
+
+
 # --- streamed text (fault 2) -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("continuation", ["Admin of the city", "é à ü, naïve", "東京と北京", "🚀🎉🇫🇷 ok", "a\n\nb  c"])
 def test_streamed_text_equals_decoded_text(tok, continuation):
