@@ -192,6 +192,20 @@ def test_chat_template_refusals_are_one_line(tok):
         without.encode_chat(USER)
 
 
+def test_messages_file_errors_are_one_line(tmp_path):
+    path = tmp_path / "messages.json"
+    for content, message in (
+        ('{"messages": [{"role": "user"}]}', r"messages.json: messages\[0\]: expected a string 'content'"),
+        ("[]", "messages.json: messages: expected a non-empty list"),
+        ("[{", "messages.json: not valid JSON"),
+    ):
+        path.write_text(content)
+        with pytest.raises(MoetrtError, match=message):
+            run_generate(tmp_path, messages_file=path)
+    with pytest.raises(MoetrtError, match="not both"):
+        run_generate(tmp_path, chat="hi", messages_file=path)
+
+
 def test_chat_template_sandbox(tok):
     """Templates are untrusted: the sandbox refuses attribute tricks (as in transformers)."""
     evil = copy.copy(tok)
@@ -326,7 +340,7 @@ def test_generate_text_stop_string_and_chat(realistic_checkpoint, one_torch_thre
     assert len(cut["token_ids"]) == next(i for i, end in enumerate(ends) if end >= first + len(stop)) + 1
     assert cut["token_ids"] == new[: len(cut["token_ids"])]
 
-    chat = run_generate(realistic_checkpoint, messages=SYSTEM, max_new_tokens=4)
+    chat = run_generate(realistic_checkpoint, chat=SYSTEM[1]["content"], system=SYSTEM[0]["content"], max_new_tokens=4)
     assert chat["prompt_token_ids"] == mistral_v1(SYSTEM)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from moetrt.artifacts import open_artifact
 from moetrt.errors import MoetrtError
+from moetrt.model.chat_template import check_messages
 from moetrt.runtime.engine import open_backend
 from moetrt.runtime.generate import stream
 from moetrt.runtime.generation_config import GenerationDefaults
@@ -52,7 +53,12 @@ def chat_messages(
             raise MoetrtError(f"{path}: not found; expected a JSON list of chat messages") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise MoetrtError(f"{path}: not valid JSON ({err})") from None
-        return data.get("messages") if isinstance(data, dict) else data
+        messages = data.get("messages") if isinstance(data, dict) else data
+        try:
+            check_messages(messages)
+        except MoetrtError as err:
+            raise MoetrtError(f"{path}: {err}") from None
+        return messages
     if chat is None:
         if system is not None:
             raise MoetrtError("generate: --system needs --chat TEXT")
@@ -64,7 +70,9 @@ def run_generate(
     engine_dir: str | Path,
     prompts: Sequence[str] = (),
     token_ids: Sequence[str] = (),
-    messages: list[dict[str, str]] | None = None,
+    chat: str | None = None,
+    system: str | None = None,
+    messages_file: str | Path | None = None,
     max_new_tokens: int | None = None,
     temperature: float | None = None,
     top_k: int | None = None,
@@ -76,12 +84,14 @@ def run_generate(
     on_prompt: Callable[[str], None] | None = None,
     on_text: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Generate for each prompt (or the chat `messages`, or token-id rows) and return one JSON-ready result.
+    """Generate for each prompt (or the chat of `chat_messages(chat, system, messages_file)`, or token-id rows)
+    and return one JSON-ready result.
 
     Sampling parameters left None come from the checkpoint's generation_config.json (greedy unless it says
     do_sample). With one text row, `on_prompt` gets its prompt text (a chat as its template rendered it) before
     generation starts and `on_text` its new text piece by piece as it is produced (never a split character,
     never any part of a stop string). Raises MoetrtError (one line)."""
+    messages = chat_messages(chat, system, messages_file)
     given = [name for name, value in (("--prompt", prompts), ("--token-ids", token_ids), ("a chat", messages)) if value]
     if len(given) != 1:
         raise MoetrtError("generate: give one of --prompt TEXT, --token-ids 1,2,3 (either may repeat for a batch), "
