@@ -206,16 +206,15 @@ def generate(
 
     Stops at the model's end-of-sequence ids (generation_config.json), after --max-new-tokens, or before a
     --stop text. Text typed in a prompt such as "</s>" is read as that special token, as transformers does."""
-    from moetrt.runtime.textgen import chat_messages, run_generate
+    from moetrt.runtime.textgen import run_generate
 
-    conversation = chat_messages(chat, system, messages)
     stream_one = not as_json and len(prompt or []) + len(token_ids or []) <= 1
-    if stream_one and prompt:
-        print_literal(prompt[0], style="dim")
     result = run_generate(
-        engine_dir, prompts=prompt or [], token_ids=token_ids or [], messages=conversation,
+        engine_dir, prompts=prompt or [], token_ids=token_ids or [], chat=chat, system=system, messages_file=messages,
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-        tokenizer_dir=tokenizer, add_bos=bos, stop=stop or [], on_text=print_literal if stream_one else None,
+        tokenizer_dir=tokenizer, add_bos=bos, stop=stop or [],
+        on_prompt=(lambda text: print_literal(text, style="dim")) if stream_one else None,
+        on_text=print_literal if stream_one else None,
     )  # fmt: skip
     if as_json:
         print_json(result)

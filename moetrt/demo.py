@@ -89,10 +89,11 @@ def run_demo(console: Console) -> bool:
         from moetrt.cli import print_literal
         from moetrt.runtime.textgen import run_generate
 
-        print_literal(PROMPT, style="dim", out=console)
         result = run_generate(
-            engine, prompts=[PROMPT], max_new_tokens=NEW_TOKENS, on_text=lambda text: print_literal(text, out=console)
-        )
+            engine, prompts=[PROMPT], max_new_tokens=NEW_TOKENS,
+            on_prompt=lambda text: print_literal(text, style="dim", out=console),
+            on_text=lambda text: print_literal(text, out=console),
+        )  # fmt: skip
         console.print("\n[dim](random weights: the text is noise; validation checks it is the eager model's noise)[/]")
         step.artifact = engine
         step.note = (f"{len(result['token_ids'])} tokens: prefill {result['prefill_ms']:.1f} ms, "

@@ -41,3 +41,12 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def realistic_checkpoint(tmp_path_factory):
+    """Laid out like the Hub's Mixtral-8x7B-Instruct-v0.1 (tiny dims, bf16, 3 shards, the real Mixtral
+    sentencepiece tokenizer from mistral-common, the Instruct chat template); shared read-only."""
+    from moetrt.model.testing import make_realistic_checkpoint
+
+    return make_realistic_checkpoint(tmp_path_factory.mktemp("realistic") / "mixtral-8x7b-instruct-tiny")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from moetrt.artifacts import read_manifest
+from moetrt.demo import PROMPT
 from moetrt.registry import TENSORRT_MISSING
 
 pytestmark = pytest.mark.slow
@@ -43,6 +45,8 @@ def test_demo_runs_the_pipeline_and_passes_validation(cache: Path) -> None:
     assert (cache / "demo" / "validation.json").is_file()
     for step in ("checkpoint", "export", "build", "generate", "validate", "total"):
         assert step in proc.stdout
+    assert proc.stdout.count(PROMPT) == 1  # the prompt is echoed as typed
+    assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", proc.stdout)  # random-weight noise prints no raw control bytes
 
 
 def test_bench_writes_a_row_per_backend(cache: Path, tmp_path: Path) -> None:

@@ -228,7 +228,7 @@ def test_requests_are_refused_before_running(backend, prompts_, max_new, message
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"temperature": -1.0}, "sampling temperature must be >= 0 (0 = greedy), found -1.0"),
+        ({"temperature": -1.0}, "sampling temperature must be a finite number >= 0 (0 = greedy), found -1.0"),
         ({"top_k": -2}, "sampling top_k must be >= 0 (0 = no limit), found -2"),
         ({"top_p": 0.0}, "sampling top_p must be in (0, 1], found 0.0"),
     ],

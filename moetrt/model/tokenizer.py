@@ -85,27 +85,14 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
-    @property
-    def bos_token(self) -> str | None:
-        return self.special_tokens.get("bos_token")
-
-    @property
-    def eos_token(self) -> str | None:
-        return self.special_tokens.get("eos_token")
-
-    def token_to_id(self, token: str) -> int | None:
-        return self._tok.token_to_id(token)
-
-    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        """Token ids of `text`: BOS first when `add_bos` (default: the checkpoint's add_bos_token), EOS last when
-        the checkpoint's add_eos_token. Special-token text inside `text` becomes that token (see the module)."""
+    def encode(self, text: str, add_bos: bool | None = None, add_eos: bool | None = None) -> list[int]:
+        """Token ids of `text`: BOS first when `add_bos`, EOS last when `add_eos` (each defaults to the
+        checkpoint's add_bos_token / add_eos_token). Special-token text inside `text` becomes that token."""
         ids = self._tok.encode(text, add_special_tokens=False).ids
         if self.add_bos_token if add_bos is None else add_bos:
-            if self.bos_token_id is None:
-                raise MoetrtError("the tokenizer has no bos_token (tokenizer_config.json); cannot add BOS")
-            ids.insert(0, self.bos_token_id)
-        if self.add_eos_token:
-            ids.append(self.eos_token_id)
+            ids.insert(0, _required(self.bos_token_id, "bos_token"))
+        if self.add_eos_token if add_eos is None else add_eos:
+            ids.append(_required(self.eos_token_id, "eos_token"))
         return ids
 
     def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
@@ -114,9 +101,9 @@ class Tokenizer:
         return render_chat(self.chat_template, messages, self.special_tokens, add_generation_prompt)
 
     def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
-        """`render_chat`, encoded without adding BOS: the template writes its own, and transformers'
+        """`render_chat`, encoded without adding BOS or EOS: the template writes its own, and transformers'
         apply_chat_template encodes with add_special_tokens=False too."""
-        return self.encode(self.render_chat(messages, add_generation_prompt), add_bos=False)
+        return self.encode(self.render_chat(messages, add_generation_prompt), add_bos=False, add_eos=False)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -223,6 +210,12 @@ def from_sentencepiece(model_file: str | Path) -> _HFTokenizer:
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, trainer.bos_id)]
         )
     return tok
+
+
+def _required(token_id: int | None, name: str) -> int:
+    if token_id is None:
+        raise MoetrtError(f"the tokenizer has no {name} (tokenizer_config.json / special_tokens_map.json) to add")
+    return token_id
 
 
 def _load_pipeline(directory: Path) -> _HFTokenizer:

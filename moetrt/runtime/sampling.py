@@ -6,10 +6,16 @@ unless the nucleus is wider. Sampling draws one uniform number per
 row from a seeded `numpy.random.Generator` and inverts the cumulative distribution, so a run is
 reproducible from its seed (and the batch it ran in). The filters apply in transformers' order:
 temperature, then top-k, then top-p on the renormalised top-k distribution.
+
+Edges behave as their limits, never as NaN: probabilities are exp((logit - max) / temperature) in float64,
+so the most probable token always has weight 1 and the others underflow to 0 as temperature -> 0 (greedy)
+or approach 1 as temperature -> inf (uniform); top_p -> 0 keeps only the most probable token; top_k larger
+than the vocabulary keeps all of it. A temperature that is not a finite number >= 0 is refused.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,8 +32,10 @@ class SamplingParams:
     top_p: float = 1.0
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0.0:
-            raise MoetrtError(f"sampling temperature must be >= 0 (0 = greedy), found {self.temperature}")
+        if not 0.0 <= self.temperature < math.inf:
+            raise MoetrtError(
+                f"sampling temperature must be a finite number >= 0 (0 = greedy), found {self.temperature}"
+            )
         if self.top_k < 0:
             raise MoetrtError(f"sampling top_k must be >= 0 (0 = no limit), found {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
@@ -55,13 +63,16 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator)
     """
     if params.greedy:
         return greedy(logits)
-    x = logits / np.float32(params.temperature)
+    x = logits
     b, v = x.shape
     ids = None  # candidate token ids [B, C] once the candidates are a subset of the vocabulary, in x's order
     if 0 < params.top_k < v:
         ids = np.argpartition(x, v - params.top_k, axis=-1)[:, v - params.top_k :]
         x = np.take_along_axis(x, ids, axis=-1)
-    probs = np.exp(x - x.max(axis=-1, keepdims=True))  # unnormalised
+    # Unnormalised, the largest exactly 1: (x - max) <= 0 divided by any temperature > 0 is never NaN (a tiny
+    # temperature overflows the others to -inf, whose exp is the 0 of the greedy limit).
+    with np.errstate(over="ignore"):
+        probs = np.exp((x - x.max(axis=-1, keepdims=True)).astype(np.float64) / params.temperature)
     total = probs.sum(axis=-1, keepdims=True)
     if params.top_p < 1.0:
         probs, ids = _nucleus_candidates(probs, ids, params.top_p * total)

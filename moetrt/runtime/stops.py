@@ -1,9 +1,12 @@
-"""Stop strings on streamed text: cut the text at the first stop string, never emitting any part of it.
+"""Stop strings on streamed text: cut the text before the stop string that starts first, never emitting any
+part of it.
 
 Text arrives in pieces (one per token) and a stop string may be split across pieces, so the tail of the
 text that could still grow into a stop string is held back (at most max(len(stop)) - 1 characters) until
-the next piece decides it; `flush` releases it when generation ends without a match. The stop string
-itself and everything after it are dropped, as in the OpenAI API's `stop`.
+later pieces decide it; `flush` releases (or cuts) it when generation ends. A stop string found while a
+longer one that would start earlier is still undecided waits for it, so the output is the same however the
+text is split: the text before the first occurrence of any stop string. The stop string itself and
+everything after it are dropped, as in the OpenAI API's `stop`.
 """
 
 from __future__ import annotations
@@ -29,24 +32,33 @@ class StopMatcher:
         if self.matched is not None:
             return ""
         text = self._held + text
-        found = [(text.find(stop), stop) for stop in self.stops if stop in text]
-        if found:
-            position, self.matched = min(found, key=lambda hit: (hit[0], -len(hit[1])))
-            self._held = ""
-            return text[:position]
-        hold = self._partial_suffix(text)
-        self._held = text[len(text) - hold :]
-        return text[: len(text) - hold]
+        hit = self._first_match(text)
+        pending = self._partial_start(text)  # a stop string may still start here: hold from here on
+        if hit is not None and hit[0] <= pending:
+            self.matched, self._held = hit[1], ""
+            return text[: hit[0]]
+        self._held = text[pending:]
+        return text[:pending]
 
     def flush(self) -> str:
-        """The held-back text, at the end of a stream in which no stop string was found."""
+        """The held-back text at the end of the stream (cut before a stop string found in it)."""
         held, self._held = self._held, ""
+        hit = self._first_match(held) if self.matched is None else None
+        if hit is not None:
+            self.matched = hit[1]
+            return held[: hit[0]]
         return held
 
-    def _partial_suffix(self, text: str) -> int:
-        """The length of the longest suffix of `text` that is a proper prefix of some stop string."""
-        for size in range(min(len(text), self._longest - 1), 0, -1):
-            tail = text[-size:]
-            if any(stop.startswith(tail) for stop in self.stops):
-                return size
-        return 0
+    def _first_match(self, text: str) -> tuple[int, str] | None:
+        """(position, stop string) of the stop string that starts first in `text` (the longest on a tie)."""
+        hits = [(text.find(stop), -len(stop), stop) for stop in self.stops if stop in text]
+        return (min(hits)[0], min(hits)[2]) if hits else None
+
+    def _partial_start(self, text: str) -> int:
+        """The first position from which the rest of `text` is a proper prefix of some stop string
+        (len(text) when there is none): what a later piece could still complete into a stop string."""
+        for start in range(max(0, len(text) - self._longest + 1), len(text)):
+            tail = text[start:]
+            if any(len(stop) > len(tail) and stop.startswith(tail) for stop in self.stops):
+                return start
+        return len(text)

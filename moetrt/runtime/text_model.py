@@ -22,7 +22,8 @@ from moetrt.runtime.generation_config import GenerationDefaults
 
 
 class TextModel(ClosingContext):
-    """config + backend + the artifact's tokenizer (None when it has none) + generation defaults."""
+    """config + backend + the artifact's tokenizer (None when it has none) + generation defaults. `open` reads
+    them all from a directory; the constructor takes parts a caller has already read (it then owns `backend`)."""
 
     def __init__(
         self, artifact: Artifact, backend: Backend, tokenizer: Tokenizer | None, generation: GenerationDefaults
@@ -45,16 +46,13 @@ class TextModel(ClosingContext):
         max_seq_len: int | None = None,
         dtype: str | None = None,
         device: str | None = None,
-        tokenizer: Tokenizer | None = None,
     ) -> TextModel:
         """Open an engine or checkpoint directory (or an `Artifact` already opened by `open_artifact`) once:
-        its text files (from `tokenizer_dir` when given; `tokenizer` when the caller has already loaded it),
-        then its backend (`moetrt.runtime.engine.open_backend` takes the remaining arguments).
-        Raises MoetrtError (one line)."""
+        its text files (from `tokenizer_dir` when given), then its backend (`moetrt.runtime.engine.open_backend`
+        takes the remaining arguments). Raises MoetrtError (one line)."""
         artifact = path if isinstance(path, Artifact) else open_artifact(path)
         text_dir = Path(tokenizer_dir) if tokenizer_dir is not None else artifact.path
-        if tokenizer is None:
-            tokenizer = load_tokenizer(text_dir, required=tokenizer_dir is not None)
+        tokenizer = load_tokenizer(text_dir, required=tokenizer_dir is not None)
         generation = GenerationDefaults.from_dir(text_dir, artifact.config)
         backend = open_backend(artifact, max_batch, threads, extra_outputs, max_seq_len, dtype, device)
         return cls(artifact, backend, tokenizer, generation)

@@ -17,6 +17,8 @@ from typing import Any
 
 from moetrt.artifacts import open_artifact
 from moetrt.errors import MoetrtError
+from moetrt.model.chat_template import check_messages
+from moetrt.runtime.engine import open_backend
 from moetrt.runtime.generate import stream
 from moetrt.runtime.generation_config import GenerationDefaults
 from moetrt.runtime.stops import StopMatcher
@@ -51,7 +53,12 @@ def chat_messages(
             raise MoetrtError(f"{path}: not found; expected a JSON list of chat messages") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise MoetrtError(f"{path}: not valid JSON ({err})") from None
-        return data.get("messages") if isinstance(data, dict) else data
+        messages = data.get("messages") if isinstance(data, dict) else data
+        try:
+            check_messages(messages)
+        except MoetrtError as err:
+            raise MoetrtError(f"{path}: {err}") from None
+        return messages
     if chat is None:
         if system is not None:
             raise MoetrtError("generate: --system needs --chat TEXT")
@@ -63,7 +70,9 @@ def run_generate(
     engine_dir: str | Path,
     prompts: Sequence[str] = (),
     token_ids: Sequence[str] = (),
-    messages: list[dict[str, str]] | None = None,
+    chat: str | None = None,
+    system: str | None = None,
+    messages_file: str | Path | None = None,
     max_new_tokens: int | None = None,
     temperature: float | None = None,
     top_k: int | None = None,
@@ -72,13 +81,17 @@ def run_generate(
     tokenizer_dir: str | Path | None = None,
     add_bos: bool | None = None,
     stop: Sequence[str] = (),
+    on_prompt: Callable[[str], None] | None = None,
     on_text: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Generate for each prompt (or the chat `messages`, or token-id rows) and return one JSON-ready result.
+    """Generate for each prompt (or the chat of `chat_messages(chat, system, messages_file)`, or token-id rows)
+    and return one JSON-ready result.
 
     Sampling parameters left None come from the checkpoint's generation_config.json (greedy unless it says
-    do_sample). With one row and `on_text`, its text is passed to `on_text` piece by piece as it is produced
-    (never a split character, never any part of a stop string). Raises MoetrtError (one line)."""
+    do_sample). With one text row, `on_prompt` gets its prompt text (a chat as its template rendered it) before
+    generation starts and `on_text` its new text piece by piece as it is produced (never a split character,
+    never any part of a stop string). Raises MoetrtError (one line)."""
+    messages = chat_messages(chat, system, messages_file)
     given = [name for name, value in (("--prompt", prompts), ("--token-ids", token_ids), ("a chat", messages)) if value]
     if len(given) != 1:
         raise MoetrtError("generate: give one of --prompt TEXT, --token-ids 1,2,3 (either may repeat for a batch), "
@@ -90,16 +103,19 @@ def run_generate(
     sampling = generation.sampling(temperature, top_k, top_p)
     max_new_tokens = max_new_tokens or generation.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
     if messages:
-        rows = [tokenizer.encode_chat(messages)]
+        texts, rows = [tokenizer.render_chat(messages)], [tokenizer.encode_chat(messages)]
     elif prompts:
+        texts = list(prompts)
         rows = [tokenizer.encode(text, add_bos=add_bos) for text in prompts]
     else:
-        rows = parse_token_ids(list(token_ids))
+        texts, rows = [], parse_token_ids(list(token_ids))
+    if on_prompt and len(texts) == 1:
+        on_prompt(texts[0])
     matchers = [StopMatcher(stop) for _ in rows]
     options: dict[str, Any] = {}
     if artifact.kind == "checkpoint":  # size the eager KV cache for this request, not max_position_embeddings
         options = {"max_batch": len(rows), "max_seq_len": max(map(len, rows)) + max_new_tokens}
-    with TextModel.open(artifact, tokenizer_dir=tokenizer_dir, tokenizer=tokenizer, **options) as model:
+    with TextModel(artifact, open_backend(artifact, **options), tokenizer, generation) as model:
         run = stream(model.backend, rows, max_new_tokens, sampling, stop_token_ids=model.stop_token_ids, seed=seed)
         detokenizers = [model.detokenizer(row) for row in rows] if tokenizer else []
         pieces: list[list[str]] = [[] for _ in rows]
@@ -121,13 +137,13 @@ def run_generate(
         pieces[row].append(tail)
         if on_text and tail and len(rows) == 1:
             on_text(tail)
-    texts = ["".join(p) for p in pieces] if tokenizer else None
+    outputs = ["".join(p) for p in pieces] if tokenizer else None
     batch = len(rows) > 1
     return {
         "backend": backend_name,
         "prompt_token_ids": rows if batch else rows[0],
         "token_ids": result.tokens if batch else result.tokens[0],
-        "text": (texts if batch else texts[0]) if texts else None,
+        "text": (outputs if batch else outputs[0]) if outputs else None,
         "finish_reasons": [
             "stop" if matcher.matched is not None else reason
             for matcher, reason in zip(matchers, result.finish_reasons, strict=True)
