@@ -135,4 +135,3 @@ class EagerBackend(ClosingContext):
                     self.extras[name] = (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).cpu().numpy()
 
         return hook
-
