@@ -307,6 +307,15 @@ def test_engine_directory_and_manifest(exported, engines):
         i.name for i in graph.initializer}]  # fmt: skip
     names = {i.name for i in graph.initializer}
     assert "layers.0.block_sparse_moe.w1" not in names and "layers.0.moe_fc1" in names
+    layers = manifest["config"]["num_hidden_layers"]
+    ops = [n.op_type for n in graph.node]
+    # every attention is one packed QKV MatMul + GroupQueryAttention; every norm after a residual Add is fused
+    assert ops.count("GroupQueryAttention") == layers and ops.count("SkipSimplifiedLayerNormalization") == 2 * layers
+    assert "layers.0.self_attn.q_proj.weight" not in names and "layers.0.self_attn.qkv_proj.weight.T" in names
+    caches = [f"present_{kv}.{i}" for i in range(layers) for kv in ("key", "value")]
+    assert [o.name for o in graph.output] == ["logits", *caches] == list(manifest["io"]["outputs"])
+    kv_shape = ["batch", manifest["config"]["num_key_value_heads"], MAX_SEQ, manifest["config"]["head_dim"]]
+    assert manifest["io"]["outputs"]["present_key.0"]["shape"] == kv_shape
 
 
 def test_fp32_engine_matches_eager_and_keeps_its_buffers(exported, engines):

@@ -4,6 +4,7 @@
       -> every moetrt::TopKMoE lowered to a router MatMul + com.microsoft::MoE / QMoE (ort_lowering.py)
       -> every layer's attention lowered to a packed QKV MatMul + com.microsoft::GroupQueryAttention over
          caches shared between past and present (ort_attention.py)
+      -> residual Add + RMSNorm fused into com.microsoft::SkipSimplifiedLayerNormalization (ort_norm.py)
       -> weight Transposes folded into transposed initializers (ort_fold.py)
       -> int8 / int4: the attention and lm_head MatMuls as MatMulNBits (ort_linear.py)
       -> engine dir (model.onnx, model.onnx.data, moetrt.json with kind "engine", backend "ort")
@@ -35,6 +36,7 @@ from moetrt.engines.ort_attention import lower_attention
 from moetrt.engines.ort_fold import fold_weight_transposes
 from moetrt.engines.ort_linear import quantize_linear_weights
 from moetrt.engines.ort_lowering import PRECISIONS, lower_topk_moe, moe_slices, router_matmul
+from moetrt.engines.ort_norm import fuse_skip_rms_norm
 from moetrt.errors import MoetrtError
 from moetrt.fsutil import atomic_dir
 from moetrt.names import DATA_FILE, MODEL_FILE
@@ -84,6 +86,7 @@ def build_ort_engine(
         lower_attention(model, config, int(export_manifest["max_seq_len"]))
     except MoetrtError as err:
         raise MoetrtError(f"{export_dir / MODEL_FILE}: {err}") from None
+    skip_norms = fuse_skip_rms_norm(model)
     fold_weight_transposes(model)
     quantized = [] if spec is None else quantize_linear_weights(model, spec, keep={router_matmul(p) for p in layers})
     with atomic_dir(output_dir) as tmp:
@@ -109,6 +112,7 @@ def build_ort_engine(
             "onnxruntime_version": _ort_version(),
             "moe_layers": layers,
             "attention": "GroupQueryAttention",
+            "skip_norms": skip_norms,
             "moe_slices": slices,
             "config": export_manifest["config"],
             "dtype": export_manifest["dtype"],
