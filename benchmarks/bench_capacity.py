@@ -4,7 +4,7 @@
                                         [--backends ort-fp32,ort-int8,ort-int4] [--out docs/capacity.json]
 
 Per capacity one export and the requested engines (moetrt.bench.prepare), then interleaved rounds over every
-(engine, capacity), each measurement in its own process (moetrt.bench.run.measure_rounds), prompt 128 and
+(engine, capacity), each measurement in its own process (moetrt.bench.measure), prompt 128 and
 128 new tokens by default. Prints decode tok/s per engine and capacity and the ratio of each larger capacity
 to the smallest, the same run's medians: with attention over each row's live length (GroupQueryAttention)
 the ratio should be ~1; with attention over the whole static cache it falls as the capacity grows.
@@ -23,8 +23,8 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from rich.console import Console  # noqa: E402
 
+from moetrt.bench.isolate import run_isolated  # noqa: E402
 from moetrt.bench.prepare import parse_backends, prepare  # noqa: E402
-from moetrt.bench.run import BANDWIDTH, measure_rounds  # noqa: E402
 from moetrt.cachedir import cache_root, preset_checkpoint  # noqa: E402
 
 
@@ -50,10 +50,22 @@ def main(argv: list[str] | None = None) -> None:
         built, steps = prepare(checkpoint, backends, workdir, capacity, 1, args.threads, args.reuse)
         for step in steps:
             console.print(f"{step.step} @ {capacity}: {'reused' if step.reused else f'{step.seconds:.1f} s'}")
-        paths |= {f"{name} @{capacity}": path for name, path in built.items()}
+        paths |= {(name, capacity): path for name, path in built.items()}
     workload = {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "batch": 1, "threads": args.threads}
-    runs, errors = measure_rounds(paths, workload, args.rounds, console)
-    runs.pop(BANDWIDTH)
+    runs: dict[str, list[dict]] = {f"{name} @{c}": [] for name, c in paths}
+    errors = {}
+    for rnd in range(1, args.rounds + 1):
+        for (name, capacity), path in paths.items():
+            key = f"{name} @{capacity}"
+            if key in errors:
+                continue
+            try:
+                kwargs = {"path": str(path), "backend": name, **workload}
+                runs[key].append(run_isolated("moetrt.bench.measure:measure", kwargs, args.threads))
+            except RuntimeError as err:
+                errors[key] = str(err).splitlines()[0]
+                continue
+            console.print(f"round {rnd} {key}: decode {runs[key][-1]['decode_tokens_per_s']:.1f} tok/s", markup=False)
     rows = []
     for name in backends:
         speeds = {c: [r["decode_tokens_per_s"] for r in runs[f"{name} @{c}"]] for c in capacities}

@@ -152,11 +152,6 @@ class OrtBackend(ClosingContext):
         return self._k[layer].copy(), self._v[layer].copy()
 
     def set_kv_cache(self, layer: int, k: np.ndarray, v: np.ndarray) -> None:
-        """See `Backend.set_kv_cache`."""
-        self._k[layer][: len(k)] = k
-        self._v[layer][: len(v)] = v
-
-    def set_kv_cache(self, layer: int, k: np.ndarray, v: np.ndarray) -> None:
         """See `Backend.set_kv_cache` (written into the bound buffers themselves)."""
         self._k[layer][: len(k)] = k
         self._v[layer][: len(v)] = v
