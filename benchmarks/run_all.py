@@ -1,6 +1,11 @@
 """moetrt against its peers on one machine in one run: the benchmark table of the README.
 
     python benchmarks/run_all.py [--rounds 3] [--batches 1,4] [--prompt-len 128] [--new-tokens 128] [--threads 2]
+                                 [--max-seq-len N] [--contexts 256,1024,2048,4000] [--backends a,b,...]
+
+Engines are exported the way a user gets them: KV capacity --max-seq-len, by default the preset's
+max_position_embeddings (4096 for mid); ORT GenAI gets the same capacity (its max_length) and the eager
+backends the same static cache. --contexts runs a context sweep: per context C a prompt of C - new_tokens.
 
 On the `mid` preset (hidden 1024, 8 layers, 16/4 heads, 8 experts top-2, vocab 32000; 0.79B parameters,
 fp32), seeded checkpoint cached in $MOETRT_CACHE:
@@ -56,24 +61,28 @@ def prepare_moetrt(
     return {"checkpoint": str(checkpoint), "paths": {k: str(v) for k, v in paths.items()}, "steps": steps}
 
 
-def measure(name: str, batch: int, args: argparse.Namespace, paths: dict[str, str], models: dict[str, Path]) -> dict:
-    """One measurement of backend `name` at `batch` in a fresh process, as a moetrt.bench.report row."""
-    workload = {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "batch": batch, "threads": args.threads}
+def measure(
+    name: str, batch: int, prompt_len: int, args: argparse.Namespace, paths: dict[str, str], models: dict[str, Path]
+) -> dict:
+    """One measurement of backend `name` at `batch` and `prompt_len` in a fresh process, as a report row."""
+    workload = {"prompt_len": prompt_len, "new_tokens": args.new_tokens, "batch": batch, "threads": args.threads}
     if name in MOETRT:
-        kwargs = {"path": paths[name], "backend": name, **workload}
+        kwargs = {"path": paths[name], "backend": name, "max_seq_len": args.max_seq_len, **workload}
         run = run_isolated("moetrt.bench.measure:measure", kwargs, threads=args.threads, timeout=args.timeout)
-        return {**run, "precision": bench_backends()[name][1], **workload}
-    peer_args = argparse.Namespace(**vars(args), batch=batch, seed=0, warmup_tokens=16)
+        return {**run, "precision": bench_backends()[name][1], "max_seq_len": args.max_seq_len, **workload}
+    peer_args = argparse.Namespace(**{**vars(args), "prompt_len": prompt_len}, batch=batch, seed=0, warmup_tokens=16)
     target, kwargs = backend_call(name, peer_args, models)
+    if name.startswith("ortgenai"):
+        kwargs["max_length"] = args.max_seq_len
     run = run_isolated(target, kwargs, threads=args.threads, timeout=args.timeout)
     # The peers time from the call to the first token on the host: moetrt's TTFT. They have no prefill-step-only
     # figure, and run on the CPU.
     return {**run, "backend": name, "ttft_ms": run["prefill_ms"], "prefill_ms": None, "gpu_mem_bytes": None, **workload}
 
 
-def goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's targets, evaluated on the batch-1 rows of this run."""
-    by = {r["backend"]: r for r in rows if r["batch"] == 1}
+def goals(rows: list[dict[str, Any]], prompt_len: int) -> list[dict[str, Any]]:
+    """The issue's targets, evaluated on the batch-1 rows of this run at `prompt_len`."""
+    by = {r["backend"]: r for r in rows if r["batch"] == 1 and r["prompt_len"] == prompt_len}
 
     def ratio(a: str, b: str) -> float | None:
         return by[a]["decode_tokens_per_s"] / by[b]["decode_tokens_per_s"] if a in by and b in by else None
@@ -128,26 +137,35 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="default: $MOETRT_CACHE/bench/run_all")
     parser.add_argument("--reuse", action="store_true", help="keep moetrt artifacts an earlier run made alike")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs", help="where benchmark.{json,md,png} go")
+    parser.add_argument("--max-seq-len", type=int, default=None, help="KV capacity (default: max_position_embeddings)")
+    parser.add_argument("--contexts", default=None, help="context sweep, e.g. 256,1024: prompt = C - new tokens")
+    parser.add_argument("--backends", default=None, help="comma-separated subset (default: all)")
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
+    args.max_seq_len = args.max_seq_len or PRESETS[args.preset].max_position_embeddings
+    from moetrt.bench.run import sweep_prompts
+
+    prompts = sweep_prompts(args.contexts, args.new_tokens) if args.contexts else [args.prompt_len]
     from moetrt.cachedir import cache_root
 
     workdir = args.workdir or cache_root() / "bench" / f"run_all-{args.preset}"
     t_start = time.perf_counter()
     print("preparing moetrt artifacts (checkpoint, export, engines) ...", flush=True)
     prep = run_isolated("benchmarks.run_all:prepare_moetrt", {"preset": args.preset, "workdir": str(workdir),
-                        "max_seq_len": args.prompt_len + args.new_tokens, "max_batch": max(batches),
+                        "max_seq_len": args.max_seq_len, "max_batch": max(batches),
                         "threads": args.threads, "reuse": args.reuse}, timeout=7200)  # fmt: skip
     for step in prep["steps"]:
         cost = "reused" if step["reused"] else f"{step['seconds']:.1f} s"
         print(f"  {step['step']}: {cost} -> {step['path']}")
     args.checkpoint = Path(prep["checkpoint"])
+    backends = [REFERENCE, *MOETRT, *(p for p in PEERS if p != REFERENCE)]
+    if args.backends:
+        backends = [b for b in backends if b in args.backends.split(",")]
     models = {}
-    for name in PEERS:
+    for name in backends:
         if name.startswith("ortgenai"):
             models[name] = ensure_ortgenai_model(args.checkpoint, workdir / "ortgenai", name.split("-")[1], 3600)
-    backends = [REFERENCE, *MOETRT, *(p for p in PEERS if p != REFERENCE)]
-    runs: dict[tuple[str, int], list[dict]] = {(b, n): [] for n in batches for b in backends}
+    runs: dict[tuple[str, int, int], list[dict]] = {(b, n, p): [] for n in batches for p in prompts for b in backends}
     errors: dict[str, str] = {}
     bandwidths = []
     for rnd in range(1, args.rounds + 1):
@@ -155,32 +173,35 @@ def main(argv: list[str] | None = None) -> None:
         bandwidths.append(run_isolated("moetrt.bench.bandwidth:read_bandwidth_gbs", {"threads": args.threads},
                                        args.threads))  # fmt: skip
         print(f"round {rnd}/{args.rounds} read bandwidth {bandwidths[-1]['gbs']:.1f} GB/s", flush=True)
-        for batch in batches:
-            for name in backends:
-                key = f"{name} b{batch}"
-                if key in errors:
-                    continue
-                print(f"round {rnd}/{args.rounds} {key} (loadavg {os.getloadavg()[0]:.1f}) ...", end=" ", flush=True)
-                try:
-                    run = measure(name, batch, args, prep["paths"], models)
-                except RuntimeError as err:
-                    errors[key] = str(err)
-                    print(f"FAILED\n{err}", flush=True)
-                    continue
-                runs[(name, batch)].append(run)
-                with open(workdir / "runs.jsonl", "a") as log:  # the raw runs survive a crash in the summary
-                    log.write(json.dumps({"round": rnd, **run}) + "\n")
-                print(f"TTFT {run['ttft_ms']:.0f} ms, decode {run['decode_tokens_per_s']:.2f} tok/s", flush=True)
+        for batch, prompt, name in ((b, p, n) for b in batches for p in prompts for n in backends):
+            key = f"{name} b{batch} prompt {prompt}"
+            if key in errors:
+                continue
+            print(f"round {rnd}/{args.rounds} {key} (loadavg {os.getloadavg()[0]:.1f}) ...", end=" ", flush=True)
+            try:
+                run = measure(name, batch, prompt, args, prep["paths"], models)
+            except RuntimeError as err:
+                errors[key] = str(err)
+                print(f"FAILED\n{err}", flush=True)
+                continue
+            runs[(name, batch, prompt)].append(run)
+            with open(workdir / "runs.jsonl", "a") as log:  # the raw runs survive a crash in the summary
+                log.write(json.dumps({"round": rnd, **run}) + "\n")
+            print(f"TTFT {run['ttft_ms']:.0f} ms, decode {run['decode_tokens_per_s']:.2f} tok/s", flush=True)
 
     bandwidth = {"gbs": statistics.median(b["gbs"] for b in bandwidths), "rounds": bandwidths}
     rows = [report.summarize(r) for r in runs.values() if r]
     config = PRESETS[args.preset]
-    report.annotate(rows, config, bandwidth["gbs"], REFERENCE)
-    met = goals(rows)
+    reference = REFERENCE if REFERENCE in backends else backends[0]
+    for prompt in prompts:
+        report.annotate([r for r in rows if r["prompt_len"] == prompt], config, bandwidth["gbs"], reference)
+    met = goals(rows, prompts[0])
     meta = {
         "command": "python benchmarks/run_all.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "preset": args.preset,
         "prompt_len": args.prompt_len,
+        "contexts": args.contexts,
+        "max_seq_len": args.max_seq_len,
         "new_tokens": args.new_tokens,
         "threads": args.threads,
         "rounds": args.rounds,

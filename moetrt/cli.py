@@ -256,13 +256,23 @@ def bench(
     reuse: Annotated[bool, typer.Option(help="keep artifacts in --workdir made from the same parent")] = False,
     as_json: Annotated[Path | None, typer.Option("--json", help="write the rows as a JSON list")] = None,
     plot: Annotated[Path | None, typer.Option(help="write a PNG bar chart (needs matplotlib)")] = None,
+    max_seq_len: Annotated[
+        int | None,
+        typer.Option(
+            help="KV capacity of the engines (default: the model's max_position_embeddings, as `moetrt export`)"
+        ),
+    ] = None,
+    contexts: Annotated[
+        str | None,
+        typer.Option(help="context sweep, e.g. 256,1024,2048,4000: prompt = context - new tokens, per context"),
+    ] = None,
 ) -> None:
     """Measure each backend in its own process (prefill, first token, decode tokens/s, peak memory) vs eager."""
     from moetrt.bench.run import run_bench
 
     run_bench(
         checkpoint_dir, preset, backends, prompt_len, new_tokens, batch, threads, rounds, workdir, reuse, as_json,
-        plot, console=console,
+        plot, console=console, max_seq_len=max_seq_len, contexts=contexts,
     )  # fmt: skip
 
 

@@ -5,6 +5,9 @@ Graph I/O (shapes in the export manifest's `io`; symbolic dims "batch" and "seq"
     inputs   input_ids [batch, seq] int64, position_ids [batch, seq] int64,
              past_key.{i}, past_value.{i} [batch, kv_heads, max_seq, head_dim]   (read-only in the export)
     outputs  logits [batch, seq, vocab], new_key.{i}, new_value.{i} [batch, kv_heads, seq, head_dim]
+An ORT engine's graph (attention lowered to GroupQueryAttention) instead outputs
+             present_key.{i}, present_value.{i} [batch, kv_heads, max_seq, head_dim]: the caches with the step's
+             K/V written at its positions; a runtime binds them to the same buffers as past_key/past_value.
 Per-layer values (graph values an engine can be asked to return for validation or routing statistics):
     layers.{i}.moe_input [tokens, hidden]       the TopKMoE node's input (after the post-attention norm)
     layers.{i}.moe_output [tokens, hidden]      its output
@@ -14,6 +17,9 @@ Per-layer values (graph values an engine can be asked to return for validation o
 An engine computes expert_ids / expert_weights only when they are requested: the ORT lowering puts the
 contract's routing in the graph as the model-local function ROUTE_FUNCTION (domain, name), which a loader
 calls on `router_logits` for the layers asked for; an uncalled function costs nothing.
+Attention boundary (named by the exporter; an engine replaces what lies between by its attention kernel):
+    layers.{i}.attn_input [batch, seq, hidden]  the normed hidden state the q/k/v projections read
+    layers.{i}.attn_output [batch, seq, heads * head_dim]  attention's output, before o_proj
 """
 
 from __future__ import annotations
@@ -40,6 +46,14 @@ def new_value(layer: int) -> str:
     return f"new_value.{layer}"
 
 
+def present_key(layer: int) -> str:
+    return f"present_key.{layer}"
+
+
+def present_value(layer: int) -> str:
+    return f"present_value.{layer}"
+
+
 # --- per-layer values --------------------------------------------------------------------------------------
 def moe_input(layer: int) -> str:
     return f"layers.{layer}.moe_input"
@@ -62,6 +76,14 @@ def expert_weights(layer: int) -> str:
 
 
 ROUTE_FUNCTION = ("moetrt.routing", "Route")  # router_logits [T, E] -> expert_ids, expert_weights [T, k]
+
+
+def attn_input(layer: int) -> str:
+    return f"layers.{layer}.attn_input"
+
+
+def attn_output(layer: int) -> str:
+    return f"layers.{layer}.attn_output"
 
 
 def layer_prefix(layer: int) -> str:

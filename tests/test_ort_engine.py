@@ -319,6 +319,15 @@ def test_engine_directory_and_manifest(exported, engines):
         i.name for i in graph.initializer}]  # fmt: skip
     names = {i.name for i in graph.initializer}
     assert "layers.0.block_sparse_moe.w1" not in names and "layers.0.moe_fc1" in names
+    layers = manifest["config"]["num_hidden_layers"]
+    ops = [n.op_type for n in graph.node]
+    # every attention is one packed QKV MatMul + GroupQueryAttention; every norm after a residual Add is fused
+    assert ops.count("GroupQueryAttention") == layers and ops.count("SkipSimplifiedLayerNormalization") == 2 * layers
+    assert "layers.0.self_attn.q_proj.weight" not in names and "layers.0.self_attn.qkv_proj.weight.T" in names
+    caches = [f"present_{kv}.{i}" for i in range(layers) for kv in ("key", "value")]
+    assert [o.name for o in graph.output] == ["logits", *caches] == list(manifest["io"]["outputs"])
+    kv_shape = ["batch", manifest["config"]["num_key_value_heads"], MAX_SEQ, manifest["config"]["head_dim"]]
+    assert manifest["io"]["outputs"]["present_key.0"]["shape"] == kv_shape
 
 
 def test_fp32_engine_matches_eager_and_keeps_its_buffers(exported, engines):
@@ -326,15 +335,15 @@ def test_fp32_engine_matches_eager_and_keeps_its_buffers(exported, engines):
     backend = OrtBackend.load(engines("fp32"))
     eager = EagerBackend.from_checkpoint(checkpoint, MAX_BATCH, MAX_SEQ)
     pointers = [(k.ctypes.data, v.ctypes.data) for k, v in zip(backend._k, backend._v, strict=True)]
-    decode_buffers = None
+    decode_logits = None
     for step, (got, want) in enumerate(teacher_forced(backend, eager, steps=6)):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
         if step == 1:
-            decode_buffers = {n: a.ctypes.data for n, (a, _) in backend._decode_outputs[MAX_BATCH].items()}
+            decode_logits = backend._decode_logits[MAX_BATCH][0].ctypes.data
     assert [(k.ctypes.data, v.ctypes.data) for k, v in zip(backend._k, backend._v, strict=True)] == pointers
-    assert {n: a.ctypes.data for n, (a, _) in backend._decode_outputs[MAX_BATCH].items()} == decode_buffers
-    k_view, v_view = backend._cache_views[MAX_BATCH][0]
-    assert (k_view.data_ptr(), v_view.data_ptr()) == pointers[0]  # the bound inputs are the buffers, not copies
+    assert backend._decode_logits[MAX_BATCH][0].ctypes.data == decode_logits
+    k_view, v_view = backend._views[0, MAX_BATCH][0]
+    assert (k_view.data_ptr(), v_view.data_ptr()) == pointers[0]  # past and present are the buffers, not copies
     for layer in range(eager.config.num_hidden_layers):
         for got_kv, want_kv in zip(backend.kv_cache(layer), eager.kv_cache(layer), strict=True):
             np.testing.assert_allclose(got_kv, want_kv, rtol=0, atol=1e-4)
@@ -346,15 +355,13 @@ def test_batch_smaller_than_max_binds_a_prefix_view(exported, engines):
     eager = EagerBackend.from_checkpoint(checkpoint, MAX_BATCH, MAX_SEQ)
     for got, want in teacher_forced(backend, eager, steps=2, batch=1):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
-    k_view, _ = backend._cache_views[1][0]
+    k_view, _ = backend._views[0, 1][0]
     assert k_view.shape()[0] == 1 and k_view.data_ptr() == backend._k[0].ctypes.data
 
 
 def test_greedy_parity_32_steps(exported, engines):
-    """Through `generate` (prompts of different lengths, right-padded prefill, lock-step decode). On the
-    2-layer tiny model only: the eager side dominates this test's time."""
-    if exported.variant != "tiny":
-        pytest.skip("greedy parity runs on the tiny variant")
+    """Through `generate` (prompts of different lengths, right-padded prefill, lock-step decode); on the
+    sliding-window variant the rows run 30+ positions past the window."""
     checkpoint = exported.checkpoint
     backend = OrtBackend.load(engines("fp32"))
     eager = EagerBackend.from_checkpoint(checkpoint, MAX_BATCH, MAX_SEQ)
@@ -363,6 +370,110 @@ def test_greedy_parity_32_steps(exported, engines):
     ours = generate(backend, prompts, 32, stop_token_ids=())
     theirs = generate(eager, prompts, 32, stop_token_ids=())
     assert ours.tokens == theirs.tokens
+
+
+class SlotSchedule:
+    """Drives an OrtBackend and an EagerBackend with the same per-slot steps, the way a server schedules
+    requests over cache slots, and checks every step's logits and greedy token against eager."""
+
+    def __init__(self, backend: OrtBackend, eager: EagerBackend):
+        self.backend, self.eager = backend, eager
+        self.lengths: dict[int, int] = {}
+        self.next: dict[int, int] = {}  # slot -> eager's greedy token, fed at the slot's next step
+        self.rng = np.random.default_rng(5)
+
+    def prompt(self, slots: list[int], length: int) -> None:
+        self.run(slots, self.rng.integers(3, self.eager.config.vocab_size, (len(slots), length)))
+
+    def decode(self, slots: list[int], steps: int) -> None:
+        for _ in range(steps):
+            self.run(slots, np.array([[self.next[s]] for s in slots]))
+
+    def run(self, slots: list[int], ids: np.ndarray) -> None:
+        t = ids.shape[1]
+        pos = np.array([[self.lengths.get(s, 0) + j for j in range(t)] for s in slots])
+        got, want = self.backend.step(ids, pos, slots), self.eager.step(ids, pos, slots)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+        tokens = want[:, -1].argmax(-1)
+        assert (got[:, -1].argmax(-1) == tokens).all()
+        for slot, token in zip(slots, tokens.tolist(), strict=True):
+            self.next[slot], self.lengths[slot] = token, self.lengths.get(slot, 0) + t
+
+    def rows(self, slots: list[int]) -> list[np.ndarray]:
+        layers = range(self.eager.config.num_hidden_layers)
+        return [cache[slots] for i in layers for cache in self.backend.kv_cache(i)]
+
+    def untouched(self, slots: list[int], step) -> None:
+        """Run `step` and assert the named slots' caches are bit-for-bit what they were."""
+        before = self.rows(slots)
+        step()
+        assert all(np.array_equal(a, b) for a, b in zip(before, self.rows(slots), strict=True))
+
+
+def test_slot_schedule_matches_eager(exported, engines):
+    """One-slot prefills while other slots hold data, decode over non-prefix and permuted slot sets (idle rows
+    inside the bound range), a chunked prefill of two rows at different lengths, 36 greedy decode steps in
+    slot 0; every step's logits within 1e-4 of eager and the same greedy token, caches equal at the end."""
+    backend = OrtBackend.load(engines("fp32"), max_batch=4)
+    eager = EagerBackend.from_checkpoint(exported.checkpoint, 4, MAX_SEQ)
+    run = SlotSchedule(backend, eager)
+    run.prompt([2], 5)
+    run.untouched([2], lambda: run.prompt([0], 9))
+    run.untouched([1, 3], lambda: run.decode([2, 0], 16))  # idle slot 1 rides along and is restored
+    run.untouched([0, 2], lambda: run.prompt([3], 3))
+    run.prompt([1], 4)
+    run.untouched([0, 2], lambda: run.run([1, 3], run.rng.integers(3, 100, (2, 2))))  # T=2 after a past
+    run.untouched([1, 2], lambda: run.decode([3, 0], 16))
+    run.decode([0, 1, 2, 3], 4)
+    for layer in range(eager.config.num_hidden_layers):
+        for got, want in zip(backend.kv_cache(layer), eager.kv_cache(layer), strict=True):
+            for slot, length in run.lengths.items():
+                np.testing.assert_allclose(got[slot, :, :length], want[slot, :, :length], rtol=0, atol=1e-4)
+    assert run.lengths[0] == 9 + 36
+
+
+def edited_engine(engine: Path, out: Path, edit) -> Path:
+    """A copy of `engine` whose graph (weights loaded) `edit(graph)` changed in place."""
+    out.mkdir()
+    model = onnx.load(str(engine / "model.onnx"))
+    edit(model.graph)
+    onnx.save(model, str(out / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+    for name in (MANIFEST, TOKENIZER):
+        shutil.copy(engine / name, out / name)
+    return out
+
+
+def set_gqa_attribute(name: str, value: int):
+    def edit(graph: onnx.GraphProto) -> None:
+        for node in (n for n in graph.node if n.op_type == "GroupQueryAttention"):
+            next(a for a in node.attribute if a.name == name).i = value
+
+    return edit
+
+
+def swap_kv_blocks(graph: onnx.GraphProto) -> None:
+    """Layer 0's packed [H, (N + 2 KV) D] weight with its K and V column blocks exchanged."""
+    tensor = next(t for t in graph.initializer if t.name == "layers.0.self_attn.qkv_proj.weight.T")
+    w = numpy_helper.to_array(tensor)
+    kv = (w.shape[1] - PRESETS["tiny"].num_attention_heads * PRESETS["tiny"].head_dim) // 2
+    swapped = np.concatenate([w[:, : -2 * kv], w[:, -kv:], w[:, -2 * kv : -kv]], axis=1)
+    tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(swapped), tensor.name))
+
+
+def test_wrong_attention_layouts_fail(exported, engines, tmp_path):
+    """ORT runs each of these without complaint; the engine-vs-eager check (<= 1e-4 for the right layout)
+    is what catches them: interleaved rotary, K and V swapped in the packed projection and, with a sliding
+    window W, local_window_size W - 1 or W + 1."""
+    config = EagerBackend.from_checkpoint(exported.checkpoint, MAX_BATCH, MAX_SEQ).config
+    edits = {"rotary_interleaved": set_gqa_attribute("rotary_interleaved", 1), "kv_swapped": swap_kv_blocks}
+    if config.sliding_window is not None:
+        for w in (config.sliding_window - 1, config.sliding_window + 1):
+            edits[f"window_{w}"] = set_gqa_attribute("local_window_size", w)
+    for name, edit in edits.items():
+        engine = edited_engine(engines("fp32"), tmp_path / name, edit)
+        eager = EagerBackend.from_checkpoint(exported.checkpoint, MAX_BATCH, MAX_SEQ)
+        errors = [np.abs(got - want).max() for got, want in teacher_forced(OrtBackend.load(engine), eager, steps=3)]
+        assert max(errors) > 0.1, (name, errors)
 
 
 def test_extra_outputs_expose_each_moe_layer(exported, engines):
@@ -402,7 +513,8 @@ def test_quantized_engines_within_measured_tolerance(exported, engines, precisio
     weights_of = {i.name for i in graph.initializer}
     float_matmuls = [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights_of]
     assert sorted(float_matmuls) == [f"layers.{i}.router" for i in range(backend_layers(engine))]
-    assert len([n for n in graph.node if n.op_type == "MatMulNBits"]) == 4 * backend_layers(engine) + 1  # + lm_head
+    # per layer the packed QKV and o_proj, + lm_head
+    assert len([n for n in graph.node if n.op_type == "MatMulNBits"]) == 2 * backend_layers(engine) + 1
     backend = OrtBackend.load(engine, extra_outputs=names)
     eager = EagerBackend.from_checkpoint(checkpoint, MAX_BATCH, MAX_SEQ)
     with CheckpointReader(checkpoint) as reader:

@@ -225,10 +225,18 @@ def test_polygraphy_cli_compares_the_engine_with_the_export(export_dir, engine, 
         [sys.executable, "-m", "moetrt.validate.reference_model", str(reference)], check=True, capture_output=True
     )
     values = [f"layers.{i}.{v}" for i in range(CONFIG.num_hidden_layers) for v in ("moe_input", "moe_output")]
-    shapes = ["--input-shapes", "input_ids:[1,8]", "position_ids:[1,8]", "--val-range", "input_ids:[0,511]"]
+    # A prefill of 8 tokens at positions 0..7 over empty caches: the engine's GroupQueryAttention derives each
+    # row's length from its last position, so random positions (Polygraphy's default data) are not a step.
+    from polygraphy.json import save_json
+
+    rng = np.random.default_rng(0)
+    feed = {"input_ids": rng.integers(0, CONFIG.vocab_size, (1, 8)), "position_ids": np.arange(8)[None]}
+    cache = np.zeros((1, CONFIG.num_key_value_heads, MAX_SEQ, CONFIG.head_dim), np.float32)
+    feed |= {f"past_{kv}.{i}": cache for i in range(CONFIG.num_hidden_layers) for kv in ("key", "value")}
     inputs, outputs = tmp_path / "inputs.json", tmp_path / "reference.json"
-    ran = polygraphy("run", reference / "model.ref.onnx", "--onnxrt", *shapes, "--onnx-outputs", "logits", *values,
-                     "--save-inputs", inputs, "--save-outputs", outputs)  # fmt: skip
+    save_json([feed], inputs)
+    ran = polygraphy("run", reference / "model.ref.onnx", "--onnxrt", "--load-inputs", inputs,
+                     "--onnx-outputs", "logits", *values, "--save-outputs", outputs)  # fmt: skip
     assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-2000:]
 
     def compare(engine_dir: Path) -> subprocess.CompletedProcess:

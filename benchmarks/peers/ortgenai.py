@@ -178,9 +178,13 @@ def load_ortgenai_model(model_dir: str | Path, threads: int) -> Any:
     return og.Model(config)
 
 
-def ortgenai_generate(model: Any, prompt: Any, new_tokens: int) -> tuple[float, list[float], list[list[int]]]:
-    """Greedy generation of exactly `new_tokens` tokens (min_length = max_length, so EOS cannot end a run
-    early). Returns (start time, per-token host timestamps, ids [batch][new_tokens]).
+def ortgenai_generate(
+    model: Any, prompt: Any, new_tokens: int, max_length: int | None = None
+) -> tuple[float, list[float], list[list[int]]]:
+    """Greedy generation of exactly `new_tokens` tokens (min_length = prompt + new tokens, so EOS cannot end a
+    run early; the loop stops after `new_tokens`). max_length (default prompt + new tokens) sizes ORT GenAI's
+    shared KV buffer, its engine's capacity. Returns (start time, per-token host timestamps, ids
+    [batch][new_tokens]).
 
     `append_tokens` runs the prompt; each `generate_next_token` picks a token from the current logits
     and (after the first) runs one decode step first, so token 0's stamp is the time to first token."""
@@ -190,7 +194,8 @@ def ortgenai_generate(model: Any, prompt: Any, new_tokens: int) -> tuple[float, 
     batch, prompt_len = prompt.shape
     params = og.GeneratorParams(model)
     total = prompt_len + new_tokens
-    params.set_search_options(do_sample=False, max_length=total, min_length=total, batch_size=batch)
+    params.set_search_options(do_sample=False, max_length=max(total, max_length or 0), min_length=total,
+                              batch_size=batch)  # fmt: skip
     generator = og.Generator(model, params)
     ids = np.ascontiguousarray(prompt, dtype=np.int32)
     times: list[float] = []
@@ -214,6 +219,7 @@ def bench_ortgenai(
     threads: int = 2,
     seed: int = 0,
     warmup_tokens: int = 16,
+    max_length: int | None = None,
 ) -> dict[str, Any]:
     """Benchmark an ORT GenAI model folder: a warmup generation (same prompt, `warmup_tokens` new
     tokens), then one timed greedy run; same prompt, warmup and fields as `hf.bench_hf`. Run it in its
@@ -227,8 +233,8 @@ def bench_ortgenai(
     genai_cfg = json.loads((Path(model_dir) / "genai_config.json").read_text())
     prompt = random_prompt(genai_cfg["model"]["vocab_size"], batch, prompt_len, seed)
     if warmup_tokens:
-        ortgenai_generate(model, prompt, max(2, min(warmup_tokens, new_tokens)))
-    t0, times, tokens = ortgenai_generate(model, prompt, new_tokens)
+        ortgenai_generate(model, prompt, max(2, min(warmup_tokens, new_tokens)), max_length)
+    t0, times, tokens = ortgenai_generate(model, prompt, new_tokens, max_length)
     wall_s = times[-1] - t0
     summary = moe_op_summary(model_dir)
     precision = "int4" if 4 in _weight_bits(model_dir) else "int8" if 8 in _weight_bits(model_dir) else "fp32"

@@ -31,8 +31,12 @@ def measure(
     threads: int | None = None,
     seed: int = 0,
     warmup_tokens: int = 16,
+    max_seq_len: int | None = None,
 ) -> dict[str, Any]:
     """Measure the engine (or, for backend "eager", the checkpoint) in `path`; a JSON-ready result.
+
+    max_seq_len: the eager backend's KV capacity (default prompt_len + new_tokens); an engine's is fixed by
+    its export.
 
     The warmup is a generation on the same prompt with min(warmup_tokens, new_tokens) tokens: a full-length
     prefill and some decode steps, which fault in the weights and start thread pools and allocators."""
@@ -47,7 +51,7 @@ def measure(
     gpu = on_gpu and torch.cuda.is_available()
     free_before = torch.cuda.mem_get_info()[0] if gpu else 0
     t0 = time.perf_counter()
-    options = {"max_seq_len": prompt_len + new_tokens} if engine is None else {}
+    options = {"max_seq_len": max_seq_len or prompt_len + new_tokens} if engine is None else {}
     runner = load_backend(path, max_batch=batch, **options)
     load_s = time.perf_counter() - t0
     try:

@@ -87,6 +87,7 @@ def _fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
 COLUMNS = (
     ("backend", lambda r: r["backend"]),
     ("batch", lambda r: str(r["batch"])),
+    ("prompt", lambda r: str(r["prompt_len"])),
     ("prefill ms", lambda r: _fmt(r["prefill_ms"], ".1f")),
     ("TTFT ms", lambda r: _fmt(r["ttft_ms"], ".1f")),
     ("decode tok/s", lambda r: _fmt(r["decode_tokens_per_s"], ".1f")),

@@ -60,9 +60,15 @@ def run_bench(
     json_out: Path | None = None,
     plot_out: Path | None = None,
     console: Console | None = None,
+    max_seq_len: int | None = None,
+    contexts: str | None = None,
 ) -> list[dict[str, Any]]:
     """Benchmark `backends` on one checkpoint; print the table, write JSON / PNG when asked, return the rows.
 
+    max_seq_len: the KV capacity engines are exported with (default: the config's max_position_embeddings,
+        what `moetrt export` gives a user); the eager backend gets the same.
+    contexts: a context sweep, e.g. "256,1024,2048,4000": for each context C one measurement with a prompt of
+        C - new_tokens tokens, so decode runs at contexts C - new_tokens .. C; replaces prompt_len.
     A backend that fails is reported and the others still run; the call then raises MoetrtError naming it
     (after writing what it has)."""
     console = console or Console()
@@ -75,29 +81,38 @@ def run_bench(
     threads = threads or default_threads()
     checkpoint_dir = resolve_checkpoint(checkpoint_dir, preset, console)
     config = MixtralConfig.from_pretrained(checkpoint_dir)
-    max_seq_len = prompt_len + new_tokens
-    if max_seq_len > config.max_position_embeddings:
-        raise MoetrtError(f"prompt + new tokens = {max_seq_len} exceeds max_position_embeddings "
-                          f"{config.max_position_embeddings}")  # fmt: skip
+    max_seq_len = config.max_position_embeddings if max_seq_len is None else max_seq_len
+    prompts = sweep_prompts(contexts, new_tokens) if contexts else [prompt_len]
+    if max(prompts) + new_tokens > max_seq_len or max_seq_len > config.max_position_embeddings:
+        raise MoetrtError(f"prompt + new tokens = {max(prompts) + new_tokens} must fit --max-seq-len {max_seq_len}, "
+                          f"at most max_position_embeddings {config.max_position_embeddings}")  # fmt: skip
     workdir = workdir or cache_root() / "bench" / checkpoint_dir.resolve().name
     paths, steps = prepare(checkpoint_dir, names, workdir, max_seq_len, batch, threads, reuse)
     for step in steps:
         console.print(f"{step.step}: {'reused' if step.reused else f'{step.seconds:.1f} s'} -> {step.path}")
 
-    workload = {"prompt_len": prompt_len, "new_tokens": new_tokens, "batch": batch, "threads": threads}
-    runs, errors = measure_rounds(paths, workload, rounds, console)
-    bandwidth_gbs = statistics.median(run["gbs"] for run in runs.pop(BANDWIDTH))
     rows = []
-    for name in names:
-        if runs[name]:
-            row = report.summarize(runs[name])
-            engine = bench_backends()[name]
-            precision = EAGER_PRECISION[config.dtype] if engine is None else engine[1]
-            rows.append({**row, "precision": precision, **workload})
-    reference = "eager" if "eager" in runs and runs["eager"] else names[0]
-    report.annotate(rows, config, bandwidth_gbs, reference)
-    title = (f"moetrt bench {checkpoint_dir.name}: prompt {prompt_len}, {new_tokens} new tokens, batch {batch}, "
-             f"{threads} threads, median of {rounds} round(s); ratios to {reference}")  # fmt: skip
+    bandwidths = []
+    errors: dict[str, str] = {}
+    for prompt in prompts:
+        workload = {"prompt_len": prompt, "new_tokens": new_tokens, "batch": batch, "threads": threads,
+                    "max_seq_len": max_seq_len}  # fmt: skip
+        runs, failed = measure_rounds({n: p for n, p in paths.items() if n not in errors}, workload, rounds, console)
+        errors |= failed
+        bandwidths += [run["gbs"] for run in runs.pop(BANDWIDTH)]
+        for name in names:
+            if runs.get(name):
+                row = report.summarize(runs[name])
+                engine = bench_backends()[name]
+                precision = EAGER_PRECISION[config.dtype] if engine is None else engine[1]
+                rows.append({**row, "precision": precision, **workload})
+    bandwidth_gbs = statistics.median(bandwidths)
+    reference = "eager" if any(row["backend"] == "eager" for row in rows) else names[0]
+    for prompt in prompts:
+        report.annotate([row for row in rows if row["prompt_len"] == prompt], config, bandwidth_gbs, reference)
+    shown = f"contexts {contexts} (prompt = context - new tokens)" if contexts else f"prompt {prompt_len}"
+    title = (f"moetrt bench {checkpoint_dir.name}: {shown}, {new_tokens} new tokens, batch {batch}, max_seq_len "
+             f"{max_seq_len}, {threads} threads, median of {rounds} round(s); ratios to {reference}")  # fmt: skip
     # Piped output (logs, CI) gets a fixed width: rich would otherwise squeeze the 12 columns into 80.
     console.print(report.table(rows, title), width=None if console.is_terminal else 170)
     if json_out is not None:
@@ -110,6 +125,18 @@ def run_bench(
     if errors:
         raise MoetrtError("; ".join(f"{name} failed: {err.splitlines()[0]}" for name, err in errors.items()))
     return rows
+
+
+def sweep_prompts(contexts: str, new_tokens: int) -> list[int]:
+    """'256,1024' -> the prompt lengths [256 - new_tokens, 1024 - new_tokens], refused with one line unless
+    every context exceeds new_tokens."""
+    try:
+        values = [int(c) for c in contexts.split(",") if c.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) <= new_tokens:
+        raise MoetrtError(f"--contexts {contexts!r}: expected comma-separated integers > --new-tokens {new_tokens}")
+    return [c - new_tokens for c in values]
 
 
 def measure_rounds(

@@ -2,6 +2,9 @@
 
     export dir (model.onnx, model.onnx.data, moetrt.json)
       -> every moetrt::TopKMoE lowered to a router MatMul + com.microsoft::MoE / QMoE (ort_lowering.py)
+      -> every layer's attention lowered to a packed QKV MatMul + com.microsoft::GroupQueryAttention over
+         caches shared between past and present (ort_attention.py)
+      -> residual Add + RMSNorm fused into com.microsoft::SkipSimplifiedLayerNormalization (ort_norm.py)
       -> weight Transposes folded into transposed initializers (ort_fold.py)
       -> int8 / int4: the attention and lm_head MatMuls as MatMulNBits (ort_linear.py)
       -> engine dir (model.onnx, model.onnx.data, moetrt.json with kind "engine", backend "ort")
@@ -29,9 +32,11 @@ from moetrt.artifacts import (
     write_manifest,
 )
 from moetrt.devices import providers
+from moetrt.engines.ort_attention import lower_attention
 from moetrt.engines.ort_fold import fold_weight_transposes
 from moetrt.engines.ort_linear import quantize_linear_weights
 from moetrt.engines.ort_lowering import PRECISIONS, lower_topk_moe, moe_slices, router_matmul
+from moetrt.engines.ort_norm import fuse_skip_rms_norm
 from moetrt.errors import MoetrtError
 from moetrt.fsutil import atomic_dir
 from moetrt.names import DATA_FILE, MODEL_FILE
@@ -77,11 +82,17 @@ def build_ort_engine(
     layers = lower_topk_moe(model, precision, slices)
     if not layers:
         raise MoetrtError(f"{export_dir / MODEL_FILE}: no moetrt::TopKMoE node; expected a graph from `moetrt export`")
+    try:
+        lower_attention(model, config, int(export_manifest["max_seq_len"]))
+    except MoetrtError as err:
+        raise MoetrtError(f"{export_dir / MODEL_FILE}: {err}") from None
+    skip_norms = fuse_skip_rms_norm(model)
     fold_weight_transposes(model)
     quantized = [] if spec is None else quantize_linear_weights(model, spec, keep={router_matmul(p) for p in layers})
     with atomic_dir(output_dir) as tmp:
         _save(model, tmp / MODEL_FILE, progress or silent)
         io = dict(export_manifest["io"])
+        io["outputs"] = _engine_outputs(io, config)
         io["router_logits"] = {
             names.router_logits(layer): {"shape": [_tokens(io, layer), config.num_local_experts], "dtype": "float32"}
             for layer in layers
@@ -100,6 +111,8 @@ def build_ort_engine(
             "device": device,
             "onnxruntime_version": _ort_version(),
             "moe_layers": layers,
+            "attention": "GroupQueryAttention",
+            "skip_norms": skip_norms,
             "moe_slices": slices,
             "config": export_manifest["config"],
             "dtype": export_manifest["dtype"],
@@ -135,6 +148,20 @@ def _save(model: ir.Model, path: Path, progress: Progress) -> None:
 
     ir.save(model, path, external_data=DATA_FILE, callback=on_tensor)
     progress("weights written", total, total)
+
+
+def _engine_outputs(io: dict[str, Any], config) -> dict[str, Any]:
+    """The export's outputs with each layer's new_key/new_value replaced by present_key/present_value, the
+    whole cache [batch, kv_heads, max_seq_len, head_dim] (ort_attention.py)."""
+    outputs = {}
+    for name, spec in io["outputs"].items():
+        for i in range(config.num_hidden_layers):
+            for new, present, past in ((names.new_key(i), names.present_key(i), names.past_key(i)),
+                                       (names.new_value(i), names.present_value(i), names.past_value(i))):  # fmt: skip
+                if name == new:
+                    name, spec = present, io["inputs"][past]
+        outputs[name] = spec
+    return outputs
 
 
 def _tokens(io: dict[str, Any], layer: int) -> int | str:

@@ -3,8 +3,10 @@
 The result is an onnx_ir model whose names are the contract other stages rely on:
 graph I/O as in `moetrt.names` (input_ids, position_ids, past_key.{i}, past_value.{i} ->
 logits, new_key.{i}, new_value.{i}), each TopKMoE node's input and output named `layers.{i}.moe_input` /
-`layers.{i}.moe_output` (the validation suite marks them as outputs to compare layer by layer), and
-initializers named like the canonical checkpoint tensors (`layers.0.self_attn.q_proj.weight`, ...).
+`layers.{i}.moe_output` (the validation suite marks them as outputs to compare layer by layer), each
+attention's boundary named `layers.{i}.attn_input` (what q/k/v_proj read) / `layers.{i}.attn_output` (what
+o_proj reads; engines replace what lies between by their own attention kernel), and initializers named like
+the canonical checkpoint tensors (`layers.0.self_attn.q_proj.weight`, ...).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from moetrt import names
 from moetrt.export.op import onnx_translation, topk_moe
 from moetrt.model.config import MixtralConfig
 from moetrt.model.mixtral import TORCH_DTYPES, Mixtral
-from moetrt.names import moe_input, moe_output
+from moetrt.names import attn_input, attn_output, moe_input, moe_output
 from moetrt.plugins import contract
 
 OPSET = 20
@@ -107,13 +109,28 @@ def _quiet_and_fast() -> Iterator[None]:
 
 
 def _rename(graph: ir.Graph, config: MixtralConfig) -> None:
-    """Initializers get their checkpoint names; each MoE node's I/O gets its layer's name."""
+    """Initializers get their checkpoint names; each MoE node's I/O and each attention's boundary (the
+    activation input of the q_proj and o_proj MatMuls) get their layer's names."""
     for value in list(graph.initializers.values()):
         value.name = value.name.removeprefix("model.")
         if config.tie_word_embeddings and value.name == "lm_head.weight":
             value.name = "embed_tokens.weight"  # torch.export keeps the tied parameter's last name
+    boundaries = {"q_proj": attn_input, "o_proj": attn_output}
     for node in graph:
         if (node.domain, node.op_type) == (contract.DOMAIN, contract.OP_TYPE):
             layer = int(node.inputs[1].name.split(".")[1])  # layers.{i}.block_sparse_moe.gate.weight
             node.inputs[0].name = moe_input(layer)
             node.outputs[0].name = moe_output(layer)
+        elif (node.domain, node.op_type) == ("", "MatMul"):
+            weight = _weight_name(graph, node.inputs[1])  # layers.{i}.self_attn.{proj}.weight
+            parts = weight.split(".") if weight else []
+            if len(parts) == 5 and parts[2] == "self_attn" and parts[3] in boundaries:
+                node.inputs[0].name = boundaries[parts[3]](int(parts[1]))
+
+
+def _weight_name(graph: ir.Graph, value: ir.Value | None) -> str | None:
+    """The initializer behind a MatMul's weight operand (optimize=False traces every Linear as Transpose(W))."""
+    producer = value.producer() if value is not None else None
+    if producer is not None and producer.op_type == "Transpose":
+        value = producer.inputs[0]
+    return value.name if value is not None and value.name in graph.initializers else None

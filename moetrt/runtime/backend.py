@@ -16,6 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
+from moetrt.errors import MoetrtError
 from moetrt.model.config import MixtralConfig
 
 
@@ -74,3 +75,11 @@ class ClosingContext:
 
     def __exit__(self, *exc: object) -> None:
         self.close()  # type: ignore[attr-defined]
+
+
+def check_slots(slots: Sequence[int], batch: int, max_batch: int) -> list[int]:
+    """`slots` as a list of `batch` distinct cache rows in [0, max_batch), or a one-line MoetrtError."""
+    rows = [int(s) for s in slots]
+    if len(rows) != batch or len(set(rows)) != batch or min(rows) < 0 or max(rows) >= max_batch:
+        raise MoetrtError(f"slots {rows}: expected {batch} distinct cache slots in [0, {max_batch})")
+    return rows

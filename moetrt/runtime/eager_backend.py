@@ -18,7 +18,7 @@ from moetrt.errors import MoetrtError
 from moetrt.model.checkpoint import load_model
 from moetrt.model.mixtral import KVCache, Mixtral, route
 from moetrt.names import expert_ids, expert_weights, moe_input, moe_output, router_logits
-from moetrt.runtime.backend import ClosingContext
+from moetrt.runtime.backend import ClosingContext, check_slots
 
 
 class EagerBackend(ClosingContext):
@@ -135,11 +135,3 @@ class EagerBackend(ClosingContext):
                     self.extras[name] = (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).cpu().numpy()
 
         return hook
-
-
-def check_slots(slots: Sequence[int], batch: int, max_batch: int) -> list[int]:
-    """`slots` as a list of `batch` distinct cache rows in [0, max_batch), or a one-line MoetrtError."""
-    rows = [int(s) for s in slots]
-    if len(rows) != batch or len(set(rows)) != batch or min(rows) < 0 or max(rows) >= max_batch:
-        raise MoetrtError(f"slots {rows}: expected {batch} distinct cache slots in [0, {max_batch})")
-    return rows

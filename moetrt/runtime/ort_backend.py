@@ -1,15 +1,22 @@
 """`OrtBackend`: an ONNX Runtime engine directory behind the `Backend` interface.
 
-Memory discipline (host-written slices measured faster than ORT ping-pong caches; benchmarks/bench_kv_designs.py):
+The engine's attention is `com.microsoft::GroupQueryAttention` (moetrt/engines/ort_attention.py), which
+reads only each row's live cache positions and writes the step's K/V into the cache in place. So:
 - Per layer, K and V buffers [max_batch, kv_heads, max_seq, head_dim] are numpy arrays allocated once at
-  load. They are bound (IOBinding) as the read-only `past_key.{i}` / `past_value.{i}` inputs through
-  OrtValues that wrap the arrays' memory; for a batch B < max_batch the OrtValue wraps the contiguous
-  prefix view `buffer[:B]` (rows are the leading axis), so nothing is copied. OrtValue does not keep its
-  numpy array alive: the backend holds both.
-- Decode steps (T = 1) have static output shapes: logits and new K/V go into per-batch-size buffers that
-  are allocated on first use and bound once. Prefill outputs (T varies) are allocated by ORT.
-- After each run the host writes each row's new K/V slice into the buffers at its positions
-  (`KVCache.write` semantics): one slice assignment per row and layer, never a whole-cache copy.
+  load (np.zeros: pages are committed as positions are written). Each is bound (IOBinding) as BOTH the
+  `past_key.{i}` input and the `present_key.{i}` output through ONE OrtValue wrapping its memory, so the
+  kernel updates it in place and ORT allocates no second cache (an output bound to its input's OrtValue is
+  exact and skips ORT's copy; benchmarks/bench_kv_designs.py). OrtValue does not keep its numpy array
+  alive: the backend holds both.
+- A step over cache slots `slots` binds the contiguous row range [min(slots), max(slots)] of the buffers
+  (a view, no copy). The rows of that range the step does not name ("idle" rows) run along with pad tokens
+  at positions 0..T-1; the K/V they write there are saved before the run and restored after it, so an
+  idle slot's cache is left exactly as it was. A range is one session run: one pass over the weights,
+  where a run per contiguous group of slots would read them once per group.
+- A multi-token step after a past (chunked prefill) runs one row at a time: ORT's kernel takes T > 1
+  tokens with a past only for batch 1. A prefill from position 0 runs all rows at once.
+- Decode steps (T = 1) write logits into a per-range-size buffer allocated on first use; prefill logits
+  and the per-layer `extras` are allocated by ORT.
 
 With device "cuda" (onnxruntime-gpu) the same host buffers are bound and ORT moves them to the GPU per run:
 correct, not fast; a device-resident cache is TensorRT's job in moetrt.
@@ -28,17 +35,19 @@ from moetrt.artifacts import MANIFEST, manifest_config, read_manifest
 from moetrt.errors import MoetrtError
 from moetrt.model.config import MixtralConfig
 from moetrt.names import DATA_FILE, MODEL_FILE
-from moetrt.runtime.backend import ClosingContext
+from moetrt.runtime.backend import ClosingContext, check_slots
 from moetrt.runtime.ort_session import add_graph_outputs, create_session
 
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
+PAD_TOKEN_ID = 0  # fed to idle rows of a slot range; any in-vocabulary id works (their outputs are dropped)
 
 
 class OrtBackend(ClosingContext):
     """One loaded ORT engine with its static KV buffers.
 
     `extras` holds, after each `step`, the values named in `extra_outputs` at load (e.g.
-    `layers.0.moe_input`, `layers.0.router_logits`, `layers.0.moe_output`), for layer-by-layer validation.
+    `layers.0.moe_input`, `layers.0.router_logits`, `layers.0.moe_output`), for layer-by-layer validation,
+    for the step's batch rows only.
     """
 
     name = "ort"
@@ -66,13 +75,10 @@ class OrtBackend(ClosingContext):
         layers = range(config.num_hidden_layers)
         self._k = [np.zeros(shape, dtype=self.dtype) for _ in layers]
         self._v = [np.zeros(shape, dtype=self.dtype) for _ in layers]
-        self._kv_names = [(io_names.new_key(i), io_names.new_value(i)) for i in layers]
-        self._outputs = [io_names.LOGITS, *(name for pair in self._kv_names for name in pair), *self.extra_outputs]
         self._binding = session.io_binding()
-        self._bound_batch: int | None = None  # batch size whose cache views are bound
-        self._output_mode: int | str | None = None  # batch of the bound decode buffers, "prefill", or unbound
-        self._cache_views: dict[int, list[tuple[Any, Any]]] = {}  # batch -> OrtValues over k[:batch], v[:batch]
-        self._decode_outputs: dict[int, dict[str, tuple[np.ndarray, Any]]] = {}
+        self._bound: tuple[int, int, bool] | None = None  # (first row, rows, decode) of the current binding
+        self._views: dict[tuple[int, int], list[tuple[Any, Any]]] = {}  # (first, rows) -> OrtValues over k, v rows
+        self._decode_logits: dict[int, tuple[np.ndarray, Any]] = {}  # rows -> [rows, 1, vocab] buffer, OrtValue
 
     @classmethod
     def load(
@@ -108,37 +114,45 @@ class OrtBackend(ClosingContext):
         return cls(session, config, batch, max_seq_len, manifest["dtype"], extra_outputs)
 
     def step(self, input_ids: np.ndarray, position_ids: np.ndarray, slots: Sequence[int] | None = None) -> np.ndarray:
-        """Run [B, T] tokens at their positions, store the new K/V, return float32 logits [B, T, vocab]."""
-        if slots is not None and list(slots) != list(range(len(input_ids))):
-            raise MoetrtError("OrtBackend.step: only the leading slots 0..B-1 can be stepped by this engine layout")
+        """Run [B, T] tokens at their positions in cache slots `slots` (default 0..B-1), store their K/V in
+        place, return float32 logits [B, T, vocab]; see `Backend.step`."""
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         pos = np.ascontiguousarray(position_ids, dtype=np.int64)
-        starts = self._check_step(ids, pos)
+        self._check_step(ids, pos)
         b, t = ids.shape
-        self._bind(b, decode=t == 1)
+        rows = list(range(b)) if slots is None else check_slots(slots, b, self.max_batch)
+        if t > 1 and b > 1 and pos[:, 0].max() > 0:
+            return self._step_rows(ids, pos, rows)
+        first, count = min(rows), max(rows) - min(rows) + 1
+        order = [row - first for row in rows]  # batch row -> row of the bound range
+        idle = sorted(set(range(count)) - set(order))
+        if order != list(range(b)):
+            ids, pos = self._spread(ids, pos, order, count)
+        saved = [(k[first + r, :, :t].copy(), v[first + r, :, :t].copy()) for k, v in zip(self._k, self._v, strict=True)
+                 for r in idle]  # fmt: skip
+        self._bind(first, count, decode=t == 1)
         binding = self._binding
         binding.bind_cpu_input(io_names.INPUT_IDS, ids)
         binding.bind_cpu_input(io_names.POSITION_IDS, pos)
         self.session.run_with_iobinding(binding)
-        static = self._decode_outputs.get(b, {}) if t == 1 else {}
-        values = {
-            name: static[name][0] if name in static else value.numpy()
-            for name, value in zip(self._outputs, binding.get_outputs(), strict=True)
-        }
-        for layer, (k_name, v_name) in enumerate(self._kv_names):
-            new_k, new_v = values[k_name], values[v_name]
-            for row, start in enumerate(starts):
-                self._k[layer][row, :, start : start + t] = new_k[row]
-                self._v[layer][row, :, start : start + t] = new_v[row]
-        self.extras = {name: values[name] for name in self.extra_outputs}
-        return values[io_names.LOGITS].astype(np.float32)  # a copy: decode's buffer is reused next step
+        outputs = dict(zip(self._output_names(), binding.get_outputs(), strict=True))
+        if idle:
+            restore = iter(saved)
+            for k, v in zip(self._k, self._v, strict=True):
+                for r in idle:
+                    k[first + r, :, :t], v[first + r, :, :t] = next(restore)
+        logits = self._decode_logits[count][0] if t == 1 else outputs[io_names.LOGITS].numpy()
+        self.extras = {name: _rows_of(outputs[name].numpy(), order, count, t) for name in self.extra_outputs}
+        if order != list(range(count)):
+            return logits[order].astype(np.float32, copy=False)  # fancy indexing copies
+        return logits.astype(np.float32)  # a copy: decode's buffer is reused next step
 
     def kv_cache(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """Copies of layer `layer`'s K and V buffers [max_batch, kv_heads, max_seq, head_dim]."""
         return self._k[layer].copy(), self._v[layer].copy()
 
     def set_kv_cache(self, layer: int, k: np.ndarray, v: np.ndarray) -> None:
-        """See `Backend.set_kv_cache`."""
+        """See `Backend.set_kv_cache` (written into the bound buffers themselves)."""
         self._k[layer][: len(k)] = k
         self._v[layer][: len(v)] = v
 
@@ -146,13 +160,24 @@ class OrtBackend(ClosingContext):
         """Drop the session, the binding and the buffers (the bindings first: they point into the buffers)."""
         self._binding = None
         self.session = None
-        self._cache_views.clear()
-        self._decode_outputs.clear()
+        self._views.clear()
+        self._decode_logits.clear()
         self._k, self._v = [], []
 
     # --- internals -------------------------------------------------------------------------------
-    def _check_step(self, ids: np.ndarray, pos: np.ndarray) -> np.ndarray:
-        """Validate one step's inputs; returns each row's first position."""
+    def _step_rows(self, ids: np.ndarray, pos: np.ndarray, rows: list[int]) -> np.ndarray:
+        """A multi-token step over rows that already hold a past, one row at a time: ORT's
+        GroupQueryAttention takes T > 1 tokens after a past only for batch 1 ("batch_size must be 1 when
+        sequence_length > 1 and past context is given")."""
+        logits, extras = [], []
+        for b, slot in enumerate(rows):
+            logits.append(self.step(ids[b : b + 1], pos[b : b + 1], [slot]))
+            extras.append(self.extras)
+        self.extras = {name: np.concatenate([e[name] for e in extras]) for name in self.extra_outputs}
+        return np.concatenate(logits)
+
+    def _check_step(self, ids: np.ndarray, pos: np.ndarray) -> None:
+        """Validate one step's inputs."""
         if self.session is None:
             raise MoetrtError("OrtBackend: step() after close()")
         if ids.ndim != 2 or ids.shape != pos.shape or ids.shape[1] == 0:
@@ -169,41 +194,58 @@ class OrtBackend(ClosingContext):
             raise MoetrtError("position_ids: each row must hold consecutive positions")
         if starts.min() < 0 or starts.max() + t > self.max_seq_len:
             raise MoetrtError(f"position_ids: positions must lie in [0, {self.max_seq_len}) (the engine's max_seq_len)")
-        return starts
 
-    def _bind(self, batch: int, decode: bool) -> None:
-        """(Re)bind the cache views for `batch` and the outputs for decode (preallocated) or prefill (ORT's)."""
+    @staticmethod
+    def _spread(ids: np.ndarray, pos: np.ndarray, order: list[int], count: int) -> tuple[np.ndarray, np.ndarray]:
+        """The step's rows placed at their rows of the bound range; idle rows get pad tokens at 0..T-1."""
+        t = ids.shape[1]
+        range_ids = np.full((count, t), PAD_TOKEN_ID, dtype=np.int64)
+        range_pos = np.tile(np.arange(t, dtype=np.int64), (count, 1))
+        range_ids[order], range_pos[order] = ids, pos
+        return range_ids, range_pos
+
+    def _output_names(self) -> list[str]:
+        layers = range(self.config.num_hidden_layers)
+        caches = [name(i) for i in layers for name in (io_names.present_key, io_names.present_value)]
+        return [io_names.LOGITS, *caches, *self.extra_outputs]
+
+    def _bind(self, first: int, count: int, decode: bool) -> None:
+        """Bind rows [first, first + count) of every cache as past and present (one OrtValue each), and the
+        outputs: decode's preallocated logits, or ORT-allocated ones for prefill (rebound every prefill step:
+        ORT keeps an output it allocated bound, and the next step's T may differ)."""
+        if decode and self._bound == (first, count, decode):
+            return
         binding = self._binding
-        if self._bound_batch != batch:
-            if batch not in self._cache_views:
-                wrap = self._ort.OrtValue.ortvalue_from_numpy
-                pairs = zip(self._k, self._v, strict=True)
-                self._cache_views[batch] = [(wrap(k[:batch]), wrap(v[:batch])) for k, v in pairs]
-            for layer, (k_view, v_view) in enumerate(self._cache_views[batch]):
-                binding.bind_ortvalue_input(io_names.past_key(layer), k_view)
-                binding.bind_ortvalue_input(io_names.past_value(layer), v_view)
-            self._bound_batch = batch
-        mode = batch if decode else "prefill"
-        if self._output_mode != mode:
-            binding.clear_binding_outputs()
-            if decode and batch not in self._decode_outputs:
-                self._decode_outputs[batch] = self._allocate_decode_outputs(batch)
-            static = self._decode_outputs[batch] if decode else {}
-            for name in self._outputs:
-                if name in static:
-                    binding.bind_ortvalue_output(name, static[name][1])
-                else:
-                    binding.bind_output(name, "cpu")
-            self._output_mode = mode
+        if (first, count) not in self._views:
+            wrap = self._ort.OrtValue.ortvalue_from_numpy
+            span = slice(first, first + count)
+            self._views[first, count] = [(wrap(k[span]), wrap(v[span])) for k, v in zip(self._k, self._v, strict=True)]
+        binding.clear_binding_outputs()
+        if decode and count not in self._decode_logits:
+            logits = np.empty((count, 1, self.config.vocab_size), dtype=self.dtype)
+            self._decode_logits[count] = (logits, self._ort.OrtValue.ortvalue_from_numpy(logits))
+        if decode:
+            binding.bind_ortvalue_output(io_names.LOGITS, self._decode_logits[count][1])
+        else:
+            binding.bind_output(io_names.LOGITS, "cpu")
+        for layer, (k_view, v_view) in enumerate(self._views[first, count]):
+            binding.bind_ortvalue_input(io_names.past_key(layer), k_view)
+            binding.bind_ortvalue_input(io_names.past_value(layer), v_view)
+            binding.bind_ortvalue_output(io_names.present_key(layer), k_view)
+            binding.bind_ortvalue_output(io_names.present_value(layer), v_view)
+        for name in self.extra_outputs:
+            binding.bind_output(name, "cpu")
+        self._bound = (first, count, decode)
 
-    def _allocate_decode_outputs(self, batch: int) -> dict[str, tuple[np.ndarray, Any]]:
-        """Decode's static outputs (logits, new K/V) as arrays with the OrtValues that wrap them."""
-        cfg = self.config
-        shapes = {io_names.LOGITS: (batch, 1, cfg.vocab_size)}
-        for pair in self._kv_names:
-            shapes.update(dict.fromkeys(pair, (batch, cfg.num_key_value_heads, 1, cfg.head_dim)))
-        arrays = {name: np.empty(shape, dtype=self.dtype) for name, shape in shapes.items()}
-        return {name: (a, self._ort.OrtValue.ortvalue_from_numpy(a)) for name, a in arrays.items()}
+
+def _rows_of(value: np.ndarray, order: list[int], count: int, t: int) -> np.ndarray:
+    """An extra output of a range of `count` rows cut down to the step's rows in `order`: per-token values
+    [count * T, ...] and per-row values [count, ...] both."""
+    if order == list(range(count)):
+        return value
+    if value.shape[0] == count * t:
+        return value.reshape(count, t, *value.shape[1:])[order].reshape(len(order) * t, *value.shape[1:])
+    return value[order]
 
 
 def read_engine_manifest(engine_dir: Path) -> dict[str, Any]:
@@ -221,7 +263,14 @@ def read_engine_manifest(engine_dir: Path) -> dict[str, Any]:
 
 
 def _check_graph(session: Any, engine_dir: Path, config: MixtralConfig, max_seq_len: int) -> None:
-    """Refuse an engine whose graph does not match its manifest's model (e.g. files copied between engines)."""
+    """Refuse an engine whose graph does not match its manifest's model (e.g. files copied between engines),
+    or whose caches are not updated in place (an engine built before the GroupQueryAttention lowering)."""
+    outputs = {o.name for o in session.get_outputs()}
+    if io_names.present_key(0) not in outputs:
+        raise MoetrtError(
+            f"{engine_dir / MODEL_FILE}: no {io_names.present_key(0)!r} output; the engine was built by an older "
+            "moetrt (attention not lowered to GroupQueryAttention): rebuild it"
+        )
     inputs = {i.name: i.shape for i in session.get_inputs()}
     expected = [io_names.INPUT_IDS, io_names.POSITION_IDS]
     expected += [name(i) for i in range(config.num_hidden_layers) for name in (io_names.past_key, io_names.past_value)]
