@@ -281,12 +281,18 @@ def engines(exported, tmp_path_factory):
 @pytest.mark.parametrize("precision", ["fp32", "int8", "int4"])
 def test_weight_bytes_are_what_the_engine_stores(exported, engines, precision):
     """The one byte accounting (moetrt.model.sizes: `moetrt inspect`, the bench's bandwidth bound) against
-    the bytes of the engine's initializers: quantized weights with their block scales, float routers."""
+    the bytes of the engine's initializers: quantized weights with their block scales, float routers. The
+    attention lowering's shared tables (`attention.*`: fp32 rotary cos/sin caches [max_seq, head_dim / 2] and
+    two scalars) are not model weights and are checked apart."""
     engine = engines(precision)
     graph = onnx.load(str(engine / "model.onnx")).graph
-    stored = sum(numpy_helper.to_array(t, base_dir=str(engine)).nbytes for t in graph.initializer)
+    sizes = {t.name: numpy_helper.to_array(t, base_dir=str(engine)).nbytes for t in graph.initializer}
     config = MixtralConfig.from_pretrained(exported.checkpoint)
-    assert stored == weight_bytes(config, precision)
+    tables = {name: n for name, n in sizes.items() if name.startswith("attention.")}
+    assert sum(sizes.values()) - sum(tables.values()) == weight_bytes(config, precision)
+    rotary = MAX_SEQ * (config.head_dim // 2) * 4
+    assert tables == {"attention.cos_cache": rotary, "attention.sin_cache": rotary, "attention.last_index": 8,
+                      "attention.one": 4}  # fmt: skip
 
 
 def prompt(rng: np.random.Generator, vocab: int, batch: int, length: int) -> tuple[np.ndarray, np.ndarray]:
