@@ -43,7 +43,7 @@ from moetrt.model.config import PRESETS, MixtralConfig
 from moetrt.model.mixtral import sparse_moe
 from moetrt.model.sizes import weight_bytes
 from moetrt.model.testing import make_checkpoint
-from moetrt.names import MANIFEST, TOKENIZER
+from moetrt.names import MANIFEST, TEXT_FILES, TOKENIZER
 from moetrt.plugins import contract
 from moetrt.runtime.eager_backend import EagerBackend
 from moetrt.runtime.generate import generate
@@ -310,7 +310,9 @@ def teacher_forced(ort_backend, eager, steps: int, batch: int = MAX_BATCH):
 
 def test_engine_directory_and_manifest(exported, engines):
     engine = engines("fp32")
-    assert {p.name for p in engine.iterdir()} == {MANIFEST, TOKENIZER, "model.onnx", "model.onnx.data"}
+    text_files = {name for name in TEXT_FILES if (exported.checkpoint / name).is_file()}  # what the checkpoint has
+    assert {p.name for p in engine.iterdir()} == {MANIFEST, "model.onnx", "model.onnx.data", *text_files}
+    assert TOKENIZER in text_files
     manifest = json.loads((engine / MANIFEST).read_text())
     export_manifest = json.loads((exported.export / MANIFEST).read_text())
     assert (manifest["kind"], manifest["backend"], manifest["precision"], manifest["threads"]) == (

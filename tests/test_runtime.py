@@ -21,6 +21,7 @@ import torch
 
 from moetrt.artifacts import write_manifest
 from moetrt.errors import MoetrtError
+from moetrt.model.checkpoint import checkpoint_hash
 from moetrt.model.config import PRESETS
 from moetrt.model.mixtral import KVCache
 from moetrt.model.testing import make_checkpoint
@@ -294,14 +295,15 @@ def test_trt_loader_takes_the_common_signature_up_to_tensorrt(tmp_path):
         pytest.skip("tensorrt is installed: the GPU tests in test_trt.py open real engines")
     from moetrt.runtime.trt_backend import TrtBackend
 
+    checkpoint = make_checkpoint(tmp_path / "ckpt", TINY)
     engine = tmp_path / "engine"
     engine.mkdir()
     body = {"config": TINY.to_dict(), "dtype": "float16", "max_seq_len": 32, "max_batch": 4, "io": {}, "parent": ""}
-    write_manifest(engine, "engine", {**body, "backend": "trt"})
+    write_manifest(engine, "engine", {**body, "backend": "trt", "checkpoint": checkpoint_hash(checkpoint)})
     for load in (load_backend, TrtBackend.load):
         with pytest.raises(MoetrtError) as err:
             load(engine, max_batch=2, threads=1, extra_outputs=())
         assert str(err.value) == TENSORRT_MISSING
     with pytest.raises(MoetrtError) as err:  # validation opens it through the same registry entry
-        open_engine(engine, TINY)
+        open_engine(engine, checkpoint)
     assert str(err.value) == TENSORRT_MISSING

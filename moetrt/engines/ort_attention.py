@@ -49,6 +49,9 @@ TOTAL_SEQUENCE_LENGTH = "attention.total_sequence_length"
 COS_CACHE, SIN_CACHE = "attention.cos_cache", "attention.sin_cache"
 
 
+GQA_HEAD_MULTIPLE = 16  # ORT's CPU kernel refuses other head sizes at run time ("head_size shall be a multiple of 16")
+
+
 def qkv_matmul(layer: int) -> str:
     """Name of the layer's packed q/k/v projection node."""
     return f"{names.layer_prefix(layer)}.self_attn.qkv_proj"
@@ -59,6 +62,11 @@ def lower_attention(model: ir.Model, config: MixtralConfig, max_seq_len: int) ->
     docstring); returns the lowered layers. Graph outputs new_key.{i}/new_value.{i} become
     present_key.{i}/present_value.{i} [batch, kv_heads, max_seq_len, head_dim]. MoetrtError (one line) if the
     graph lacks the export's attention boundary names (an export from an older moetrt)."""
+    if config.head_dim % GQA_HEAD_MULTIPLE:
+        raise MoetrtError(
+            f"head_dim {config.head_dim}: ONNX Runtime's CPU GroupQueryAttention needs a multiple of "
+            f"{GQA_HEAD_MULTIPLE} (Mixtral's is 128); this model cannot be built into an ORT engine"
+        )
     graph = model.graph
     values = {v.name: v for node in graph for v in node.outputs}
     layers = range(config.num_hidden_layers)

@@ -118,8 +118,8 @@ def realistic_config(dtype: str = "bfloat16") -> MixtralConfig:
     """Mixtral-8x7B-Instruct-v0.1's config with tiny dimensions: its vocabulary (32000), 8 experts top-2, GQA
     (4 query heads per KV head like the original's 32/8), rope_theta 1e6, 32768 positions, untied embeddings."""
     return MixtralConfig(
-        vocab_size=32000, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=8,
-        num_key_value_heads=2, head_dim=8, num_local_experts=8, num_experts_per_tok=2,
+        vocab_size=32000, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=16, num_local_experts=8, num_experts_per_tok=2,
         max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-5, tie_word_embeddings=False, dtype=dtype,
         bos_token_id=1, eos_token_ids=(2,),
     )  # fmt: skip
