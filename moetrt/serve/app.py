@@ -389,10 +389,9 @@ async def events(run: TextRun, fmt: CompletionFormat, include_usage: bool) -> As
         first = fmt.first()
         if first is not None:
             yield sse(first)
-        async for text, finish_reason in run:
-            if text or finish_reason:
-                chunk = fmt.chunk(text, finish_reason)
-                yield sse({**chunk, "usage": None} if include_usage else chunk)
+        async for text, finish_reason in run:  # one event per delta, even with no text: clients can time tokens
+            chunk = fmt.chunk(text, finish_reason)
+            yield sse({**chunk, "usage": None} if include_usage else chunk)
         if include_usage:
             yield sse(fmt.usage_chunk(run.usage))
     except OpenAIError as err:
