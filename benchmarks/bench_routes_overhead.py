@@ -1,7 +1,8 @@
 """What the routing outputs cost: decode tokens/s of an engine with `layers.{i}.expert_ids` off and on.
 
     python benchmarks/bench_routes_overhead.py [--preset mid] [--precisions fp32,int4] [--rounds 5]
-        [--prompt-len 128] [--new-tokens 128] [--threads 2] [--workdir DIR] [--json docs/routes_overhead.json]
+        [--prompt-len 128] [--new-tokens 128] [--threads 2] [--max-seq-len N] [--workdir DIR]
+        [--json docs/routes_overhead.json]
 
 Variants, each its own engine load in this process, interleaved round by round (the order rotates):
     off        the engine as `moetrt generate` opens it (no routing function is called)
@@ -65,6 +66,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-seq-len", type=int, default=None, help="the engines' (default: prompt + new tokens)")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=REPO_ROOT / "docs" / "routes_overhead.json")
     args = parser.parse_args()
@@ -72,7 +74,7 @@ def main() -> None:
     checkpoint, _ = preset_checkpoint(args.preset)
     workdir = args.workdir or cache_root() / "bench" / args.preset
     backends = [f"ort-{p}" for p in args.precisions.split(",")]
-    max_seq = args.prompt_len + args.new_tokens
+    max_seq = args.max_seq_len or args.prompt_len + args.new_tokens
     engines, _ = prepare(checkpoint, backends, workdir, max_seq, 1, args.threads, reuse=True)
     vocab = manifest_config(read_manifest(engines[backends[0]], "engine")).vocab_size
     prompt = random_prompt(vocab, 1, args.prompt_len)[0].tolist()

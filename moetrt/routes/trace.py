@@ -31,7 +31,7 @@ class RoutedSequence:
     def part(self, name: str) -> np.ndarray:
         """[layers, n, k] for the "prompt" or "generated" tokens."""
         n = len(self.prompt)
-        return self.expert_ids[:, :n] if name == "prompt" else self.expert_ids[:, n:]
+        return {"prompt": self.expert_ids[:, :n], "generated": self.expert_ids[:, n:]}[name]
 
 
 def routing_outputs(num_layers: int) -> list[str]:
@@ -50,9 +50,6 @@ def trace_sequence(
     """Prefill `prompt` in cache slot 0, then feed up to `max_new_tokens` tokens: greedy from the logits, or
     `forced` (which sets the count). The backend must have been loaded with `routing_outputs`."""
     layers = routing_outputs(backend.config.num_hidden_layers)
-    missing = [name for name in layers if name not in getattr(backend, "extra_outputs", ())]
-    if missing:
-        raise MoetrtError(f"backend {backend.name!r} was not loaded with the routing outputs ({missing[0]}, ...)")
     n_new = len(forced) if forced is not None else max_new_tokens
     if len(prompt) + n_new > backend.max_seq_len:
         raise MoetrtError(
@@ -60,16 +57,22 @@ def trace_sequence(
             f"{backend.max_seq_len}"
         )
     stops = frozenset(stop_token_ids)
-    steps: list[np.ndarray] = []
+
+    def routing() -> np.ndarray:
+        missing = [name for name in layers if name not in backend.extras]
+        if missing:
+            raise MoetrtError(f"backend {backend.name!r} returned no {missing[0]}; load it with routing_outputs")
+        return np.stack([backend.extras[name] for name in layers])
+
     logits = backend.step(np.asarray([prompt], dtype=np.int64), np.arange(len(prompt), dtype=np.int64)[None])
-    steps.append(np.stack([backend.extras[name] for name in layers]))
+    steps = [routing()]
     generated: list[int] = []
     rng = np.random.default_rng(0)
     for i in range(n_new):
         token = forced[i] if forced is not None else int(sample(logits[:, -1], GREEDY, rng)[0])
         position = len(prompt) + i
         logits = backend.step(np.asarray([[token]], dtype=np.int64), np.asarray([[position]], dtype=np.int64))
-        steps.append(np.stack([backend.extras[name] for name in layers]))
+        steps.append(routing())
         generated.append(token)
         if forced is None and token in stops:
             break
