@@ -292,7 +292,7 @@ def teacher_forced(ort_backend, eager, steps: int, batch: int = MAX_BATCH):
 
 def test_engine_directory_and_manifest(exported, engines):
     engine = engines("fp32")
-    assert {p.name for p in engine.iterdir()} == {MANIFEST, TOKENIZER, "model.onnx", "model.onnx.data"}
+    assert {MANIFEST, TOKENIZER, "model.onnx", "model.onnx.data"} <= {p.name for p in engine.iterdir()}
     manifest = json.loads((engine / MANIFEST).read_text())
     export_manifest = json.loads((exported.export / MANIFEST).read_text())
     assert (manifest["kind"], manifest["backend"], manifest["precision"], manifest["threads"]) == (
