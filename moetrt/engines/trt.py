@@ -17,6 +17,13 @@ Per-layer values: with layer_outputs (default) each TopKMoE node's input and out
 moe_input(i) / moe_output(i)) become network outputs, so `moetrt validate` can compare an engine layer by
 layer; the router's logits stay inside the route kernel and are not among them.
 
+Attention is NOT bounded by the live length on this path: the engine runs the export's attention, which
+reads every slot of the static [batch, kv_heads, max_seq_len, head_dim] cache each step and masks the dead
+ones, so a step costs what the capacity costs (the ONNX Runtime engines lower it to GroupQueryAttention over
+each row's length, moetrt/engines/ort_attention.py). Bounding it here needs either a shape input that
+slices the cache to the batch's longest row before the attention MatMuls, or TensorRT's own attention layer
+with a KV-cache update in place; neither is implemented, and neither can be built or tested without TensorRT.
+
 Engine directory: model.engine (the serialized engine) and moetrt.json (kind "engine", backend "trt",
 with the export's config, dtype, limits and graph I/O, the optimization profiles, the plugin mode, the
 per-layer outputs and, for AOT engines, the PTX ISA and the CUDA driver it needs).
