@@ -158,7 +158,7 @@ def measure_rounds(
         for name, path in paths.items():
             if name in errors:
                 continue
-            kwargs = {"path": str(path), "backend": name, **workload}
+            kwargs = {"path": str(path.resolve()), "backend": name, **workload}  # the child runs elsewhere
             with console.status(f"round {rnd}/{rounds}: {name}"):
                 try:
                     run = run_isolated("moetrt.bench.measure:measure", kwargs, threads)
