@@ -395,7 +395,7 @@ def divergence(
     if first is None:
         return Divergence(label, steps, None, None, False)
     logits = ref_logits[first]
-    margin = float((logits[ref_tokens[first]] - logits[eng_tokens[first]]) / np.abs(logits).max())
+    margin = float((logits[ref_tokens[first]] - logits[eng_tokens[first]]) / (np.abs(logits).max() or 1.0))
     return Divergence(label, steps, first, margin, margin <= tol.token_tie)
 
 
