@@ -31,8 +31,9 @@ def test_child_failure_is_reported_with_its_output():
 
 def test_eager_reference_runs_in_the_engines_dtype():
     assert eager_dtype(["eager", "ort-fp32", "ort-int4"], "bfloat16") == "float32"  # ORT CPU engines: fp32
-    assert eager_dtype(["eager", "trt"], "bfloat16") == "float16"
-    assert eager_dtype(["eager", "trt", "ort-int8"], "bfloat16") == "float32"
+    assert eager_dtype(["eager", "trt-fp16"], "bfloat16") == "float16"
+    assert eager_dtype(["eager", "trt-bf16"], "float32") == "bfloat16"
+    assert eager_dtype(["eager", "trt-fp16", "ort-int8"], "bfloat16") == "float32"
     assert eager_dtype(["eager"], "bfloat16") == "bfloat16"
 
 
