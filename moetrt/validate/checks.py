@@ -420,7 +420,7 @@ def check_greedy(rows: Sequence[Divergence], tol: Tolerance) -> CheckResult:
         if diverged:
             ties = sum(d.near_tie for d in diverged)
             summary += (f"; {ties} diverge on a near-tie of eager's logits (margin <= {tol.token_tie:g}), "
-                        f"{len(diverged) - ties} after agreeing on >= {tol.greedy_prefix:.0%} of the steps")  # fmt: skip
+                        f"{len(diverged) - ties} after >= {tol.greedy_prefix:.0%} of the steps")  # fmt: skip
         return CheckResult("greedy", True, summary, tolerance, figures)
     d = failing[0]
     summary = (f"{d.row}: first divergence at step {d.first} of {d.steps} on a clear margin "
