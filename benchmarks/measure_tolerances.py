@@ -13,7 +13,8 @@ engine is validated on 12 seeded random prompts, batch 2, 32 greedy steps, again
 what a wrong model scores, which the quantized floors must reject. The columns are the table's: logits
 rel (max), top1/top5 (min), state rel (max over new K/V, MoE input/output), moe rel (max), flip margin
 (largest near-tie flipped margin), clear flips (max fraction of a layer's tokens), routing matched (min
-fraction of a layer's tokens), greedy first divergence (min step), identical rows, mean agreement (mean
+fraction of a layer's tokens), greedy first divergence (min step), divergence margin (largest eager margin
+at a row's first divergence, x max |logits|), identical rows, mean agreement (mean
 fraction of greedy steps before a row's first divergence), kv rel (max). The tolerances are set 2-3x
 beyond the worst correct case, and the floors between the correct and the wrong rows.
 """
@@ -70,6 +71,7 @@ def figures(report: dict) -> dict[str, float | bool | None]:
         "first_divergence": min(
             (r["first_divergence"] for r in rows if r["first_divergence"] is not None), default=None
         ),  # fmt: skip
+        "divergence_margin": max((r["margin"] for r in rows if r["margin"] is not None), default=None),
         "identical_rows": sum(r["first_divergence"] is None for r in rows) / len(rows),
         "mean_agreement": sum(r["agreement"] for r in rows) / len(rows),
         "kv": max(rel(layer[p]) for layer in kv for p in ("k", "v")),

@@ -142,13 +142,16 @@ def export(
     output: Annotated[Path, typer.Option("--output", "-o", help="export directory to write")],
     max_seq_len: Annotated[int | None, typer.Option(help="KV-cache length (default: max_position_embeddings)")] = None,
     max_batch: Annotated[int, typer.Option(help="largest batch engines are built for")] = 1,
-    dtype: Annotated[str | None, typer.Option(help="fp32 | fp16 | bf16 (default: the checkpoint's)")] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="fp32 | fp16 | bf16, or float32 | float16 | bfloat16 (default: the checkpoint's)")
+    ] = None,
 ) -> None:
     """Lower a checkpoint to ONNX: one moetrt::TopKMoE node per layer, static KV-cache I/O, external weights."""
     from moetrt.export import export_checkpoint
 
     with progress_bar() as progress:
-        path = export_checkpoint(checkpoint_dir, output, max_seq_len, max_batch, dtype, progress=progress)
+        notice = lambda line: console.print(Text(line))  # noqa: E731
+        path = export_checkpoint(checkpoint_dir, output, max_seq_len, max_batch, dtype, progress, notice=notice)
     console.print(Text.assemble("export written to ", (str(path), "bold")))
 
 

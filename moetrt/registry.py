@@ -122,6 +122,23 @@ BACKENDS: dict[str, BackendEntry] = {
 DEFAULT_BACKEND = "ort"  # runs on any CPU: what `moetrt build` builds and the demo falls back to
 
 
+def builds_from(dtype: str) -> str:
+    """One line saying which engines an export of `dtype` can be built into (`BackendEntry.precisions`), which
+    of those cannot run on this machine, and what the other backends need instead."""
+    into, others = [], []
+    for entry in BACKENDS.values():
+        precisions = [p for p, d in entry.precisions.items() if d == dtype]
+        needs = sorted({d for d in entry.precisions.values()})
+        if precisions:
+            missing = entry.requirement[0] if entry.unavailable() and entry.requirement else None
+            into.append(f"{entry.name} {', '.join(precisions)}"
+                        + (f" (not on this machine: {missing} is not installed)" if missing else ""))  # fmt: skip
+        else:
+            others.append(f"{entry.name} needs a {' or '.join(needs)} export")
+    head = f"a {dtype} export builds into " + ("; ".join(into) if into else "no engine")
+    return head + ("; " + "; ".join(others) if others else "")
+
+
 def backend_entry(name: Any, where: str = "backend") -> BackendEntry:
     """The entry for `name`, or a one-line MoetrtError naming `where` the name came from and the choices."""
     if not isinstance(name, str) or name not in BACKENDS:

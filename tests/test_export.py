@@ -194,7 +194,11 @@ def test_reference_function_matches_sparse_moe(top_k, normalize, zero_router):
 def test_tied_embeddings_exported_as_bfloat16(tmp_path):
     config = dataclasses.replace(TINY, num_hidden_layers=1, tie_word_embeddings=True)
     ckpt = make_checkpoint(tmp_path / "ckpt", config, seed=1)
-    out = export_checkpoint(ckpt, tmp_path / "out", max_seq_len=16, dtype="bfloat16")
+    lines = []
+    out = export_checkpoint(ckpt, tmp_path / "out", max_seq_len=16, dtype="bf16", notice=lines.append)
+    # said before the export: ONNX Runtime's CPU engines need float32, TensorRT builds bf16
+    assert len(lines) == 1 and "bfloat16 export builds into trt bf16" in lines[0]
+    assert "ort needs a float32 export" in lines[0]
     proto = onnx.load(out / "model.onnx")
     initializers = {t.name: t for t in proto.graph.initializer}
     assert set(initializers) == set(canonical_shapes(config))  # no lm_head.weight: it is embed_tokens.weight

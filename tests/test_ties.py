@@ -36,7 +36,7 @@ PROMPT = np.array([[1, 17, 42, 99, 300, 5, 77]], dtype=np.int64)
 def tied(tmp_path_factory):
     root = tmp_path_factory.mktemp("ties")
     checkpoint = make_checkpoint(root / "ckpt", CONFIG, seed=3, zero_router=True)
-    export = export_checkpoint(checkpoint, root / "export", max_seq_len=48, max_batch=2, progress=False)
+    export = export_checkpoint(checkpoint, root / "export", max_seq_len=48, max_batch=2)
     return root, checkpoint, export
 
 
@@ -81,7 +81,7 @@ def test_ort_engine_takes_the_higher_experts(tied, precision):
     choice: exactly (fp32), or far closer to it than to the other choice (int4)."""
     root, checkpoint, export = tied
     model = load_model(checkpoint)
-    engine = build_ort_engine(export, root / f"engine-{precision}", precision, threads=1, progress=False)
+    engine = build_ort_engine(export, root / f"engine-{precision}", precision, threads=1)
     names = [n for i in range(CONFIG.num_hidden_layers) for n in (moe_input(i), moe_output(i))]
     with torch.inference_mode(), load_backend(engine, extra_outputs=names) as ort:
         for i, (x, y) in enumerate(per_layer(ort, model)):
@@ -101,7 +101,7 @@ def test_validate_names_the_ties_and_writes_valid_json(tied, tmp_path):
     """The all-ties checkpoint against an fp32 engine (one thread): every figure finite, JSON strict, the
     routing check reports the exact ties it saw."""
     root, checkpoint, export = tied
-    engine = build_ort_engine(export, root / "engine-fp32-validate", "fp32", threads=1, progress=False)
+    engine = build_ort_engine(export, root / "engine-fp32-validate", "fp32", threads=1)
     out = tmp_path / "report.json"
     report = validate(checkpoint, engine, num_random=2, steps=4, json_out=out)
     text = out.read_text()

@@ -211,6 +211,29 @@ def test_engine_of_other_weights_is_refused_in_one_line(int4_engine, tmp_path):
     assert "\n" not in str(err.value)
 
 
+@pytest.fixture(scope="module")
+def realistic(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """A std-0.02 checkpoint (transformers' initializer range: flatter logits, like a trained model's), its
+    int4 engine, and a checkpoint of the same model with other weights."""
+    root = tmp_path_factory.mktemp("realistic")
+    checkpoint = make_checkpoint(root / "ckpt", CONFIG, seed=0, std=0.02)
+    other = make_checkpoint(root / "other", CONFIG, seed=1, std=0.02)
+    export = export_checkpoint(checkpoint, root / "export", max_seq_len=MAX_SEQ, max_batch=2)
+    return checkpoint, build_ort_engine(export, root / "int4", "int4"), other
+
+
+def test_int4_tolerances_pass_the_engine_and_fail_another_model(realistic):
+    """The quantized floors can fail: the right int4 engine passes; the same engine judged against other
+    weights (the manifest check bypassed) fails its value checks, and no check passes on nothing."""
+    checkpoint, engine, other = realistic
+    right = validate_engine(checkpoint, open_engine(engine, checkpoint), **RUN)
+    assert right.passed, right.verdict()
+    wrong = validate_engine(other, open_engine(engine, checkpoint), **RUN)
+    failed = {c.name for c in wrong.checks if not c.passed}
+    assert {"logits", "layers", "greedy"} <= failed, wrong.verdict()
+    json.dumps(wrong.to_dict(), allow_nan=False)
+
+
 def polygraphy(*args: str | Path) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).with_name("polygraphy")
     return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=300)

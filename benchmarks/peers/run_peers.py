@@ -196,9 +196,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "moetrt.bench.bandwidth:read_bandwidth_gbs", {"threads": args.threads}, threads=args.threads
         )
         config = MixtralConfig.from_pretrained(args.checkpoint)
-        membw["bytes_per_token"] = {
-            p: bandwidth.decode_bytes_per_token(config, p)["total"] for p in PRECISIONS
-        }
+        membw["bytes_per_token"] = {p: bandwidth.decode_bytes_per_token(config, p)["total"] for p in PRECISIONS}
         membw["bound_tokens_per_s"] = {
             p: bandwidth.bound_tokens_per_s(membw["gbs"], n) for p, n in membw["bytes_per_token"].items()
         }

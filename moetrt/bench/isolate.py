@@ -1,9 +1,10 @@
 """Call a function in a fresh Python process and get its JSON result back.
 
 Why: every backend is measured in its own process, so its peak RSS is its own and no backend inherits the
-pages, thread pools or allocator state of one measured before it. The child is `python -m
-moetrt.bench.isolate`, so targets need only be importable (from the installed package, or from the current
-directory for scripts under benchmarks/).
+pages, thread pools or allocator state of one measured before it. The child imports the very moetrt the
+parent runs (its package root goes first on the child's sys.path) and runs in an empty temporary directory:
+`python -m` would put the current directory first, and a `moetrt/` folder there (a clone, another version)
+would be imported instead.
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ def run_isolated(target: str, kwargs: dict[str, Any], threads: int | None = None
     Raises RuntimeError with the tail of the child's output when it fails or times out."""
     with tempfile.TemporaryDirectory(prefix="moetrt-isolate-") as tmp:
         out = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "moetrt.bench.isolate", target, json.dumps(kwargs), str(out)]
+        cmd = [sys.executable, "-c", _CHILD, PACKAGE_ROOT, target, json.dumps(kwargs), str(out)]
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=thread_env(threads))
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=thread_env(threads),
+                                  cwd=tmp)  # fmt: skip
         except subprocess.TimeoutExpired as err:
             output = err.stdout.decode(errors="replace") if isinstance(err.stdout, bytes) else err.stdout or ""
             raise RuntimeError(f"{target} timed out after {timeout:.0f} s; output tail:\n{output[-2000:]}") from None
@@ -53,5 +55,5 @@ def _main(argv: list[str]) -> None:
     Path(out).write_text(json.dumps(result))
 
 
-if __name__ == "__main__":
-    _main(sys.argv[1:])
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the directory holding this moetrt package
+_CHILD = "import sys; sys.path.insert(0, sys.argv[1]); from moetrt.bench.isolate import _main; _main(sys.argv[2:])"

@@ -32,8 +32,10 @@ def measure(
     seed: int = 0,
     warmup_tokens: int = 16,
     max_seq_len: int | None = None,
+    dtype: str | None = None,
 ) -> dict[str, Any]:
-    """Measure the engine (or, for backend "eager", the checkpoint) in `path`; a JSON-ready result.
+    """Measure the engine (or, for backend "eager", the checkpoint, in `dtype`: default the checkpoint's) in
+    `path`; a JSON-ready result.
 
     max_seq_len: the eager backend's KV capacity (default prompt_len + new_tokens); an engine's is fixed by
     its export.
@@ -51,7 +53,7 @@ def measure(
     gpu = on_gpu and torch.cuda.is_available()
     free_before = torch.cuda.mem_get_info()[0] if gpu else 0
     t0 = time.perf_counter()
-    options = {"max_seq_len": max_seq_len or prompt_len + new_tokens} if engine is None else {}
+    options = {"max_seq_len": max_seq_len or prompt_len + new_tokens, "dtype": dtype} if engine is None else {}
     runner = load_backend(path, max_batch=batch, **options)
     load_s = time.perf_counter() - t0
     try:

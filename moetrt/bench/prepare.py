@@ -46,6 +46,16 @@ def bench_backends() -> dict[str, tuple[BackendEntry, str] | None]:
     return names
 
 
+def eager_dtype(backends: list[str], checkpoint_dtype: str) -> str:
+    """The dtype the eager reference runs in: the engines' (so its tokens and speed compare like with like),
+    float32 when engines of several dtypes are measured and float32 is among them, else the checkpoint's."""
+    known = bench_backends()
+    dtypes = {entry.precisions[precision] for entry, precision in (known[b] for b in backends if known[b])}
+    if len(dtypes) == 1:
+        return dtypes.pop()
+    return "float32" if "float32" in dtypes else checkpoint_dtype
+
+
 def parse_backends(spec: str) -> list[str]:
     """'eager,ort-fp32,trt' -> ['eager', 'ort-fp32', 'trt-fp16'], refusing unknown names, and backends this
     machine cannot run (e.g. TensorRT not installed), with one line."""

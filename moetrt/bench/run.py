@@ -18,13 +18,12 @@ from rich.console import Console
 
 from moetrt.bench import report
 from moetrt.bench.isolate import run_isolated
-from moetrt.bench.prepare import bench_backends, parse_backends, prepare
+from moetrt.bench.prepare import bench_backends, eager_dtype, parse_backends, prepare
 from moetrt.cachedir import cache_root, preset_checkpoint
 from moetrt.errors import MoetrtError
-from moetrt.model.config import MixtralConfig
+from moetrt.model.config import PRECISION_OF_DTYPE, MixtralConfig
 
 BANDWIDTH = "read bandwidth"  # the pseudo-backend of measure_rounds
-EAGER_PRECISION = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}  # eager runs the checkpoint's dtype
 
 
 def default_threads() -> int:
@@ -91,20 +90,22 @@ def run_bench(
     for step in steps:
         console.print(f"{step.step}: {'reused' if step.reused else f'{step.seconds:.1f} s'} -> {step.path}")
 
+    reference_dtype = eager_dtype(names, config.dtype)
     rows = []
     bandwidths = []
     errors: dict[str, str] = {}
     for prompt in prompts:
         workload = {"prompt_len": prompt, "new_tokens": new_tokens, "batch": batch, "threads": threads,
                     "max_seq_len": max_seq_len}  # fmt: skip
-        runs, failed = measure_rounds({n: p for n, p in paths.items() if n not in errors}, workload, rounds, console)
+        todo = {n: p for n, p in paths.items() if n not in errors}
+        runs, failed = measure_rounds(todo, workload, rounds, console, reference_dtype)
         errors |= failed
         bandwidths += [run["gbs"] for run in runs.pop(BANDWIDTH)]
         for name in names:
             if runs.get(name):
                 row = report.summarize(runs[name])
                 engine = bench_backends()[name]
-                precision = EAGER_PRECISION[config.dtype] if engine is None else engine[1]
+                precision = PRECISION_OF_DTYPE[reference_dtype] if engine is None else engine[1]
                 rows.append({**row, "precision": precision, **workload})
     bandwidth_gbs = statistics.median(bandwidths)
     reference = "eager" if any(row["backend"] == "eager" for row in rows) else names[0]
@@ -140,10 +141,11 @@ def sweep_prompts(contexts: str, new_tokens: int) -> list[int]:
 
 
 def measure_rounds(
-    paths: dict[str, Path], workload: dict[str, int], rounds: int, console: Console
+    paths: dict[str, Path], workload: dict[str, int], rounds: int, console: Console, reference_dtype: str | None = None
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, str]]:
     """Interleaved rounds of `moetrt.bench.measure.measure`, one process per measurement, each round also
     measuring the read bandwidth (under `BANDWIDTH`): on a shared machine it drifts like the speeds do.
+    The eager reference runs in `reference_dtype` (default: the checkpoint's).
 
     Returns the runs per backend and, for each backend that failed, the child's error (it is not retried)."""
     threads = workload["threads"]
@@ -158,7 +160,9 @@ def measure_rounds(
         for name, path in paths.items():
             if name in errors:
                 continue
-            kwargs = {"path": str(path), "backend": name, **workload}
+            kwargs = {"path": str(path.resolve()), "backend": name, **workload}  # the child runs elsewhere
+            if name == "eager":
+                kwargs["dtype"] = reference_dtype
             with console.status(f"round {rnd}/{rounds}: {name}"):
                 try:
                     run = run_isolated("moetrt.bench.measure:measure", kwargs, threads)

@@ -12,7 +12,7 @@ have passed: a failed export leaves nothing behind.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -25,10 +25,11 @@ from moetrt.export.trace import trace
 from moetrt.export.weights import place_external, write_weights
 from moetrt.fsutil import atomic_dir
 from moetrt.model.checkpoint import CheckpointReader, checkpoint_hash
-from moetrt.model.config import DTYPES, MixtralConfig
+from moetrt.model.config import MixtralConfig, parse_dtype
 from moetrt.names import DATA_FILE, MODEL_FILE
 from moetrt.plugins import contract
 from moetrt.progress import Progress, silent
+from moetrt.registry import builds_from
 
 
 def export_checkpoint(
@@ -39,24 +40,30 @@ def export_checkpoint(
     dtype: str | None = None,
     progress: Progress | None = None,
     weights: bool = True,
+    notice: Callable[[str], None] | None = None,
 ) -> Path:
     """Export `checkpoint_dir` to `output_dir` and return `output_dir`.
 
     max_seq_len: the KV caches' length (default: the config's max_position_embeddings).
     max_batch: the largest batch engines are built for (the graph's batch axis is symbolic).
-    dtype: float32 | float16 | bfloat16 (default: the config's); logits and caches use it too.
+    dtype: float32 | float16 | bfloat16, or fp32 | fp16 | bf16 (default: the config's); logits and caches use
+        it too.
     progress: called with (what, bytes done, bytes total) while tracing and writing weights (moetrt.progress).
     weights: False writes the graph and manifest only (no model.onnx.data; needs just config.json) -
         for checking the graph of a model whose weights are not at hand.
+    notice: called once, before the long part, with a line saying which engines the export's dtype can be
+        built into (`moetrt.registry.builds_from`): a bf16 export cannot become an ONNX Runtime CPU engine.
     """
     checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
     report = progress or silent
     with CheckpointReader(checkpoint_dir) if weights else nullcontext() as reader:
         config = reader.config if reader else MixtralConfig.from_pretrained(checkpoint_dir)
-        dtype = dtype or config.dtype
+        dtype = parse_dtype(dtype or config.dtype)
         max_seq_len = config.max_position_embeddings if max_seq_len is None else max_seq_len
-        _check_options(config, dtype, max_seq_len, max_batch)
+        _check_options(config, max_seq_len, max_batch)
         check_output_dir(output_dir, checkpoint_dir, "checkpoint")
+        if notice is not None:
+            notice(builds_from(dtype))
         if reader:
             reader.validate()  # from the file headers: fail before the long trace, not after
         with atomic_dir(output_dir) as tmp:
@@ -91,9 +98,7 @@ def export_checkpoint(
     return output_dir
 
 
-def _check_options(config: MixtralConfig, dtype: str, max_seq_len: int, max_batch: int) -> None:
-    if dtype not in DTYPES:
-        raise MoetrtError(f"dtype: expected one of {', '.join(DTYPES)}, found {dtype!r}")
+def _check_options(config: MixtralConfig, max_seq_len: int, max_batch: int) -> None:
     if not isinstance(max_seq_len, int) or isinstance(max_seq_len, bool) or max_seq_len < 1:
         raise MoetrtError(f"max_seq_len: expected a positive integer, found {max_seq_len!r}")
     if max_seq_len > config.max_position_embeddings:

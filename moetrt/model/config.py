@@ -42,6 +42,19 @@ from moetrt.schema import (
 DTYPES = ("float32", "float16", "bfloat16")
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 Dtype = Literal["float32", "float16", "bfloat16"]
+PRECISION_OF_DTYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}  # the engines' short names
+
+
+def parse_dtype(value: str, field: str = "dtype") -> str:
+    """A dtype given by its name or its short precision name ("bf16" or "bfloat16") -> the name (`DTYPES`);
+    a one-line MoetrtError naming `field` for anything else."""
+    names = {**{short: name for name, short in PRECISION_OF_DTYPE.items()}, **{name: name for name in DTYPES}}
+    if value not in names:
+        choices = ", ".join(f"{short}/{name}" for name, short in PRECISION_OF_DTYPE.items())
+        raise MoetrtError(f"{field}: expected one of {choices}, found {value!r}")
+    return names[value]
+
+
 _SUPPORTED_ARCHITECTURES = ("MixtralForCausalLM",)
 DEFAULT_ROPE_THETA = 1e6  # transformers' MixtralConfig.default_theta
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")

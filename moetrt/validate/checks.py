@@ -199,28 +199,33 @@ def check_layers(errors: dict[str, Error], num_layers: int, tol: Tolerance) -> C
     """Per layer, end to end against eager: new K/V, MoE input and output; and the MoE block alone.
 
     `errors` holds every name of `LAYER_VALUES` for every layer. The first failing value in layer and
-    computation order names the layer and, through `LAYER_VALUES`, the part of it to look at.
+    computation order names the layer and, through `LAYER_VALUES`, the part of it to look at. A value with
+    nothing left to compare (every token contaminated by earlier near-tie routing flips) is not judged and
+    is named in the summary; nothing judged at all fails.
     """
     figures: dict[str, Any] = {}
     first = None
+    names = [layer_value(i, value) for i in range(num_layers) for value, _ in LAYER_VALUES]
+    judged = [name for name in names if errors[name].compared]
     for i in range(num_layers):
         figures[str(i)] = {value: errors[layer_value(i, value)].to_dict() for value, _ in LAYER_VALUES}
         if first is None:
-            first = next(((i, v, hint) for v, hint in LAYER_VALUES if not errors[layer_value(i, v)].passed), None)
+            first = next(((i, v, hint) for v, hint in LAYER_VALUES
+                          if layer_value(i, v) in judged and not errors[layer_value(i, v)].passed), None)  # fmt: skip
     tolerance = {"state_rel": tol.state_rel, "moe_rel": tol.moe_rel}
+    skipped = [name for name in names if name not in judged]
+    note = f"; not judged (nothing left after near-tie flips): {', '.join(skipped)}" if skipped else ""
+    if not judged:
+        return CheckResult("layers", False, "no layer value left to compare" + note, tolerance, figures, 0)
     if first is None:
-        names = [layer_value(i, value) for i in range(num_layers) for value, _ in LAYER_VALUES]
-        worst = max(names, key=lambda name: errors[name].rel / errors[name].rel_tolerance)
+        worst = max(judged, key=lambda name: errors[name].rel / errors[name].rel_tolerance)
         summary = f"{num_layers} layers agree (closest to tolerance: {worst} rel {errors[worst].rel:.2g})"
-        return CheckResult("layers", True, summary, tolerance, figures)
+        return CheckResult("layers", True, summary + note, tolerance, figures)
     layer, value, hint = first
     error = errors[layer_value(layer, value)]
     summary = (
         f"first diverging layer {layer}: {layer_value(layer, value)} rel {error.rel:.2g} > {error.rel_tolerance:g}"
         f" - look at {hint}"
-        if error.compared
-        else f"layer {layer}: no {layer_value(layer, value)} value left to compare (every token left out after "
-        "near-tie routing flips)"
     )
     return CheckResult("layers", False, summary, tolerance, figures, layer)
 
@@ -329,7 +334,7 @@ def check_routing(
             "exact_ties": int((margin == 0).sum()),
             "largest_flipped_margin": float(margin[flipped].max()) if flipped.any() else None,
         }
-        if first is None and (not tokens or clear.sum() > tol.clear_flips * tokens):
+        if first is None and tokens and clear.sum() > tol.clear_flips * tokens:
             first = i
     tolerance = {"tie_margin": tol.tie_margin, "clear_flips": tol.clear_flips}
     exact = sum(f["exact_ties"] for f in figures.values())
@@ -339,22 +344,23 @@ def check_routing(
         if exact
         else ""
     )
+    skipped = [layer for layer, f in figures.items() if not f["tokens"]]
+    if skipped:  # every token of these layers followed a near-tie flip
+        ties_note += f"; layers {', '.join(skipped)} not judged (no token left after near-tie flips)"
+    if len(skipped) == len(figures):
+        return CheckResult("routing", False, "no token left to judge in any layer" + ties_note, tolerance, figures, 0)
     if first is None:
-        matched = min(f["matched"] for f in figures.values())
+        matched = min(f["matched"] for f in figures.values() if f["tokens"])
         ties = sum(f["near_tie_flips"] for f in figures.values())
         clear = sum(f["clear_flips"] for f in figures.values())
-        summary = f"expert sets match on >= {matched:.1%} of tokens in every layer"
+        summary = f"expert sets match on >= {matched:.1%} of tokens in every layer judged"
         summary += f"; flips: {ties} on near-ties, {clear} on clear margins" if ties + clear else ""
         return CheckResult("routing", True, summary + ties_note, tolerance, figures)
     f = figures[str(first)]
-    if not f["tokens"]:
-        summary = (f"layer {first}: no token left to judge (all {f['contaminated']} contaminated by earlier "
-                   "near-tie flips)")  # fmt: skip
-    else:
-        summary = (
-            f"layer {first}: {f['clear_flips']} of {f['tokens']} tokens route to another expert set on a clear "
-            f"margin (up to {f['largest_flipped_margin']:.3g} > tie margin {tol.tie_margin:g})"
-        )
+    summary = (
+        f"layer {first}: {f['clear_flips']} of {f['tokens']} tokens route to another expert set on a clear "
+        f"margin (up to {f['largest_flipped_margin']:.3g} > tie margin {tol.tie_margin:g})"
+    )
     return CheckResult("routing", False, summary + ties_note, tolerance, figures, first)
 
 
@@ -395,7 +401,7 @@ def divergence(
     if first is None:
         return Divergence(label, steps, None, None, False)
     logits = ref_logits[first]
-    margin = float((logits[ref_tokens[first]] - logits[eng_tokens[first]]) / np.abs(logits).max())
+    margin = float((logits[ref_tokens[first]] - logits[eng_tokens[first]]) / (np.abs(logits).max() or 1.0))
     return Divergence(label, steps, first, margin, margin <= tol.token_tie)
 
 
@@ -412,7 +418,9 @@ def check_greedy(rows: Sequence[Divergence], tol: Tolerance) -> CheckResult:
         summary = f"{identical} of {len(rows)} rows token-identical over {rows[0].steps} steps"
         diverged = [d for d in rows if d.first is not None]
         if diverged:
-            summary += f"; the others diverge at step {min(d.first for d in diverged)} or later, within tolerance"
+            ties = sum(d.near_tie for d in diverged)
+            summary += (f"; {ties} diverge on a near-tie of eager's logits (margin <= {tol.token_tie:g}), "
+                        f"{len(diverged) - ties} after >= {tol.greedy_prefix:.0%} of the steps")  # fmt: skip
         return CheckResult("greedy", True, summary, tolerance, figures)
     d = failing[0]
     summary = (f"{d.row}: first divergence at step {d.first} of {d.steps} on a clear margin "
@@ -426,20 +434,24 @@ def kv_cache_name(layer: int, part: str) -> str:
 
 def check_kv_cache(errors: dict[str, Error], num_layers: int, positions: int, tol: Tolerance) -> CheckResult:
     """The backends' KV caches after decoding, at the positions both wrote from identical tokens (per row:
-    the prompt and the decode steps before its first divergence); a layer fails on either K or V."""
+    the prompt and the decode steps before its first divergence); a layer fails on either K or V. A layer
+    with no such position left (each row's first token followed a near-tie routing flip) is not judged and
+    is named; no layer judged fails."""
     figures: dict[str, Any] = {"positions": positions}
     for i in range(num_layers):
         figures[str(i)] = {part: errors[kv_cache_name(i, part)].to_dict() for part in ("k", "v")}
     tolerance = {"kv_rel": tol.kv_rel}
-    for i in range(num_layers):
+    judged = [i for i in range(num_layers) if all(errors[kv_cache_name(i, part)].compared for part in ("k", "v"))]
+    skipped = [str(i) for i in range(num_layers) if i not in judged]
+    note = f"; layers {', '.join(skipped)} not judged (no position left after near-tie flips)" if skipped else ""
+    if not judged:
+        return CheckResult("kv_cache", False, "no cache position left to compare in any layer", tolerance, figures, 0)
+    for i in judged:
         failed = [errors[kv_cache_name(i, part)] for part in ("k", "v") if not errors[kv_cache_name(i, part)].passed]
-        if failed and not failed[0].compared:
-            summary = f"layer {i}: no cache position left to compare (every one follows a divergence or near-tie flip)"
-            return CheckResult("kv_cache", False, summary, tolerance, figures, i)
         if failed:
             summary = (f"layer {i}: cache contents differ, rel {failed[0].rel:.2g} > {tol.kv_rel:g} over {positions} "
                        "positions (if the layers check passes: where does the backend write new K/V?)")  # fmt: skip
             return CheckResult("kv_cache", False, summary, tolerance, figures, i)
-    worst = max(errors.values(), key=lambda e: e.rel)
-    summary = f"{num_layers} layers agree over {positions} written positions (largest rel error {worst.rel:.2g})"
-    return CheckResult("kv_cache", True, summary, tolerance, figures)
+    worst = max((errors[kv_cache_name(i, part)] for i in judged for part in ("k", "v")), key=lambda e: e.rel)
+    summary = f"{len(judged)} layers agree over {positions} written positions (largest rel error {worst.rel:.2g})"
+    return CheckResult("kv_cache", True, summary + note, tolerance, figures)

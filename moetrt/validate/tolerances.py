@@ -24,6 +24,24 @@ state 0.084; e8k1: 0.038, 0.044). The tolerances sit 2-3x above those maxima. Ra
 quantization error through the layers far more than trained ones, so int8/int4 tolerances are loose: for
 them the `moe` (one block on the engine's own input) and `routing` checks are the sharp ones. Re-measure on
 the real model before relying on the quantized rows.
+
+QUANTIZED FLOORS: a tolerance is only worth its name if a wrong model fails it. Measured on the realistic
+fixture "real" (the "small" shape with std 0.02 weights, transformers' initializer range: flatter logits
+and fewer flips, closer to a trained model than std 0.2) with `benchmarks/measure_tolerances.py`, the int4
+engine against its own checkpoint ("right") and against a checkpoint of another seed ("wrong", the
+manifest check bypassed):
+
+              logits  top1   top5   state  moe    clear flips  routing matched  greedy      kv
+    int4 right 0.134  0.667  0.822  0.226  0.165  0            >= 0.82          step 0 on   0.167
+                                                                                near-ties
+    int4 wrong  (no token left)     1.65   1.73   0.09         0.0 in a layer   step 0      1.58
+
+So int4's value tolerances are set ~3x above "right" and well under "wrong" (state 0.6, kv 0.5, logits
+0.4, top-1 0.45, top-5 0.6, clear flips 3%); the std-0.2 models above exceed them (their int4 errors are
+amplified, not wrong) and are no longer what int4 is judged by. Greedy: a divergence must sit on a
+near-tie of eager's logits (`token_tie`) or come after half the steps (`greedy_prefix`); with 0.0 a row
+that diverged on a clear margin at step 0 passed, so no model could fail it. A check with nothing left to
+compare (every token contaminated) fails rather than passing on an empty mean.
 """
 
 from __future__ import annotations
@@ -50,6 +68,6 @@ TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance(1e-4, 0.99, 0.99, 1e-4, 1e-4, 1e-4, 0.0, 2e-4, 1.0, 1e-4),
     "fp16": Tolerance(0.02, 0.97, 0.97, 0.02, 3e-3, 0.01, 0.0, 0.04, 0.25, 0.02),
     "bf16": Tolerance(0.06, 0.93, 0.93, 0.06, 0.015, 0.02, 0.0, 0.12, 0.1, 0.06),
-    "int8": Tolerance(0.35, 0.8, 0.85, 0.35, 0.04, 0.06, 0.0, 0.3, 0.0, 0.2),
-    "int4": Tolerance(2.5, 0.2, 0.3, 2.5, 0.4, 0.05, 0.5, 2.0, 0.0, 2.0),
+    "int8": Tolerance(0.35, 0.8, 0.85, 0.35, 0.04, 0.06, 0.0, 0.3, 0.5, 0.2),
+    "int4": Tolerance(0.4, 0.45, 0.6, 0.6, 0.4, 0.05, 0.03, 0.3, 0.5, 0.5),
 }  # fmt: skip
