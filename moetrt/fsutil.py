@@ -56,3 +56,13 @@ def check_regular_file(path: Path, what: str) -> None:
     if not stat.S_ISREG(mode):
         kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
         raise MoetrtError(f"{path}: {kind}; expected {what}")
+
+
+def check_writable_file(path: Path) -> None:
+    """Refuse, before any work, an output file path that cannot be written: a directory, or a missing parent."""
+    if path.is_dir():
+        raise MoetrtError(f"{path}: is a directory; expected a file path to write")
+    if not path.parent.is_dir():
+        raise MoetrtError(f"{path}: its directory {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise MoetrtError(f"{path}: its directory {path.parent} is not writable")

@@ -460,3 +460,133 @@ def test_validate_runs_the_engine_checks_generate_runs(engine, tmp_path, damage)
     with pytest.raises(MoetrtError) as validate_err:
         validate(checkpoint, d, num_random=1, steps=1, batch=1)
     assert one_line(validate_err.value) == one_line(generate_err.value)
+
+
+# --- kinds 3, 5, 6: the command line -------------------------------------------------------------------
+def cli(*args: str):
+    """Run the CLI in-process (click's CliRunner on moetrt's own entry group): (exit code, stdout, stderr)."""
+    from typer.testing import CliRunner
+
+    from moetrt.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+def assert_usage_error(code: int, stderr: str) -> str:
+    assert code == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+TOKEN_IDS = __import__("re").compile(r"\s*[0-9]+(\s*,\s*[0-9]+)*\s*,?\s*")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    token_ids=st.one_of(st.text(alphabet="0123456789 ,_-+.x٣\t", max_size=12), st.just("5, 6"), st.just("7,")),
+    max_new_tokens=st.one_of(st.integers(-3, 4).map(str), st.sampled_from(["abc", "1.5", "", "1e3", "٣", "0x2"])),
+    seed=st.one_of(st.integers(-(2**70), 2**70).map(str), st.sampled_from(["-1", "x", "2.0"])),
+)
+def test_generate_arguments_are_refused_in_one_line_or_used_exactly(single, token_ids, max_new_tokens, seed):
+    checkpoint, _ = single
+    args = ("generate", str(checkpoint), "--token-ids", token_ids, "--max-new-tokens", max_new_tokens, "--seed", seed)
+    code, stdout, stderr = cli(*args, "--json")
+    if code != 0:
+        assert_usage_error(code, stderr)
+        return
+    result = json.loads(stdout)
+    ids = [int(t) for t in token_ids.split(",") if t.strip()]
+    assert TOKEN_IDS.fullmatch(token_ids) and all(0 <= i < TINY.vocab_size for i in ids)
+    assert result["prompt_token_ids"] == ids
+    assert max_new_tokens.isascii() and int(max_new_tokens) >= 1 and len(result["token_ids"]) <= int(max_new_tokens)
+    assert seed.isdigit() and seed.isascii() and len(seed) <= 30
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--seed", "-1"], "error: Invalid value for '--seed': -1 is out of range; expected an integer >= 0"),
+        (["--seed", "5_0"], "error: Invalid value for '--seed': '5_0' is not an integer (decimal digits, at most 30)"),
+        (["--max-new-tokens", "abc"], "error: Invalid value for '--max-new-tokens': 'abc' is not an integer"),
+        (["--temperature", "nan"], "error: Invalid value for '--temperature': 'nan' is not a finite decimal number"),
+        (["--token-ids", "5 6"], "--token-ids '5 6': expected comma-separated integers"),
+        (["--token-ids", "5_0"], "--token-ids '5_0': expected comma-separated integers"),
+        (["--prompt", "caf\udce9"], "error: Invalid value for '--prompt': not valid UTF-8"),
+        (["--nope"], "error: No such option: --nope"),
+    ],
+)
+def test_cli_examples_of_the_issue(single, args, message):
+    checkpoint, _ = single
+    base = ["--token-ids", "1,2"] if "--token-ids" not in args and "--prompt" not in args else []
+    code, _, stderr = cli("generate", str(checkpoint), *base, *args)
+    assert message in assert_usage_error(code, stderr)
+
+
+def test_validate_arguments_are_checked_before_the_run(engine, tmp_path):
+    checkpoint, engine_dir, _ = engine
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(b"caf\xe9\n")
+    code, _, stderr = cli("validate", str(checkpoint), str(engine_dir), "--prompts", str(prompts))
+    assert "prompts.txt: not UTF-8 text (byte 3)" in assert_usage_error(code, stderr)
+    code, _, stderr = cli("validate", str(checkpoint), str(engine_dir), "--json", str(tmp_path))
+    assert "is a directory; expected a file path to write" in assert_usage_error(code, stderr)
+
+
+def test_usage_errors_through_the_real_entry_point(single):
+    import os
+    import subprocess
+    import sys
+
+    checkpoint, _ = single
+    for extra in ([b"--max-new-tokens", b"abc"], [b"--prompt", b"caf\xe9"]):
+        proc = subprocess.run(
+            [sys.executable.encode(), b"-m", b"moetrt", b"generate", os.fsencode(checkpoint), *extra],
+            capture_output=True, timeout=300,
+        )  # fmt: skip
+        assert_usage_error(proc.returncode, proc.stderr.decode())
+
+
+def test_resource_bounds(single, engine, tmp_path):
+    from moetrt.engines.ort import build_ort_engine
+    from moetrt.export import export_checkpoint
+    from moetrt.runtime.engine import load_backend
+
+    checkpoint, _ = single
+    _, _, export = engine
+    code, _, stderr = cli("build", str(export), "-o", str(tmp_path / "e"), "--threads", str(10**12))
+    assert "'--threads': 1000000000000 is out of range; expected an integer in [1, 4096]" in assert_usage_error(
+        code, stderr
+    )
+    for threads in (0, 10**12):
+        with pytest.raises(MoetrtError, match=rf"threads: expected an integer in \[1, 4096\], found {threads}"):
+            build_ort_engine(export, tmp_path / "e", threads=threads, progress=False)
+    code, _, stderr = cli("export", str(checkpoint), "-o", str(tmp_path / "x"), "--max-batch", str(10**12))
+    assert "'--max-batch'" in assert_usage_error(code, stderr)
+    with pytest.raises(MoetrtError, match=r"max_batch: expected an integer in \[1, 65536\]"):
+        export_checkpoint(checkpoint, tmp_path / "x", max_batch=10**12, progress=False)
+    body = TINY.to_hf_dict()
+    (tmp_path / "big").mkdir()
+    (tmp_path / "big" / "config.json").write_text(json.dumps({**body, "num_hidden_layers": 10**12}))
+    code, _, stderr = cli("inspect", str(tmp_path / "big"))
+    assert "field 'num_hidden_layers': Input should be less than or equal to 1024" in assert_usage_error(code, stderr)
+    # memory is checked before allocating, with how much was needed
+    with pytest.raises(MoetrtError, match=r"KV cache of 1 rows x 1000000000 tokens: needs 476\.8 GiB, this machine"):
+        load_backend(checkpoint, max_seq_len=10**9)
+    assert not (tmp_path / "e").exists() and not (tmp_path / "x").exists()
+
+
+def test_text_is_printed_literally(single, engine, tmp_path):
+    checkpoint, _ = single
+    _, _, export = engine
+    marked = tmp_path / "ck[/x]"
+    marked.mkdir(parents=True)  # "ck[" holding "x]": the path reads ck[/x] as rich markup would
+    (marked / "config.json").write_text(json.dumps(TINY.to_hf_dict()))
+    code, stdout, stderr = cli("inspect", str(marked))
+    assert code == 0 and "ck[/x]" in stdout.replace("\n", ""), stderr
+    out = tmp_path / "out[/x]y"
+    code, stdout, stderr = cli("build", str(export), "-o", str(out), "--threads", "1")
+    assert code == 0, stderr
+    assert f"ort engine written to {out}" in stdout.replace("\n", "")

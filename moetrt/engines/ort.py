@@ -41,6 +41,7 @@ from moetrt.errors import MoetrtError
 from moetrt.fsutil import atomic_dir
 from moetrt.names import DATA_FILE, MODEL_FILE
 from moetrt.progress import Progress, silent
+from moetrt.schema import MAX_THREADS
 
 
 def build_ort_engine(
@@ -65,6 +66,8 @@ def build_ort_engine(
     device = device or "cpu"
     if precision not in PRECISIONS:
         raise MoetrtError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if threads is not None and not (isinstance(threads, int) and 1 <= threads <= MAX_THREADS):
+        raise MoetrtError(f"threads: expected an integer in [1, {MAX_THREADS}], found {threads!r}")
     providers(device)  # refuse a device this onnxruntime cannot serve before doing any work
     check_output_dir(output_dir, export_dir, "export")
     export_manifest = read_manifest(export_dir, "export")

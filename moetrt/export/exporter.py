@@ -29,6 +29,7 @@ from moetrt.model.config import DTYPES, MixtralConfig
 from moetrt.names import DATA_FILE, MODEL_FILE
 from moetrt.plugins import contract
 from moetrt.progress import Progress, silent
+from moetrt.schema import MAX_BATCH
 
 
 def export_checkpoint(
@@ -100,8 +101,8 @@ def _check_options(config: MixtralConfig, dtype: str, max_seq_len: int, max_batc
         raise MoetrtError(
             f"max_seq_len: {max_seq_len} exceeds the model's max_position_embeddings ({config.max_position_embeddings})"
         )
-    if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
-        raise MoetrtError(f"max_batch: expected a positive integer, found {max_batch!r}")
+    if not isinstance(max_batch, int) or isinstance(max_batch, bool) or not 1 <= max_batch <= MAX_BATCH:
+        raise MoetrtError(f"max_batch: expected an integer in [1, {MAX_BATCH}], found {max_batch!r}")
 
 
 @contextmanager

@@ -33,10 +33,12 @@ import numpy as np
 from moetrt import names as io_names
 from moetrt.artifacts import MANIFEST, manifest_config, read_manifest
 from moetrt.errors import MoetrtError
+from moetrt.memory import kv_cache_bytes, require_memory
 from moetrt.model.config import MixtralConfig
 from moetrt.names import DATA_FILE, MODEL_FILE
 from moetrt.runtime.backend import ClosingContext, check_slots
 from moetrt.runtime.ort_session import add_graph_outputs, create_session
+from moetrt.schema import MAX_BATCH
 
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
 PAD_TOKEN_ID = 0  # fed to idle rows of a slot range; any in-vocabulary id works (their outputs are dropped)
@@ -98,8 +100,12 @@ class OrtBackend(ClosingContext):
         config = manifest_config(manifest)
         max_seq_len = int(manifest["max_seq_len"])
         batch = max_batch or int(manifest["max_batch"])
-        if batch < 1:
-            raise MoetrtError(f"max_batch: expected a positive integer, found {batch}")
+        if not 1 <= batch <= MAX_BATCH:
+            raise MoetrtError(f"max_batch: expected an integer in [1, {MAX_BATCH}], found {batch}")
+        itemsize = np.dtype(_NUMPY_DTYPES[manifest["dtype"]]).itemsize
+        kv = kv_cache_bytes(config.num_hidden_layers, batch, config.num_key_value_heads, max_seq_len,
+                            config.head_dim, itemsize)  # fmt: skip
+        require_memory(kv, f"{engine_dir}: KV cache of {batch} rows x {max_seq_len} tokens")
         graph = None
         if extra_outputs:
             try:

@@ -11,6 +11,7 @@ through `on_text` as it is produced. Nothing here prints.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,15 +27,17 @@ from moetrt.runtime.text_model import TextModel, load_tokenizer
 
 DEFAULT_MAX_NEW_TOKENS = 64
 
+_TOKEN_IDS = re.compile(r"\s*[0-9]+(\s*,\s*[0-9]+)*\s*,?\s*")
+
 
 def parse_token_ids(rows: list[str]) -> list[list[int]]:
-    """'1,2,3' per row -> [[1, 2, 3]]; a malformed id is a one-line error naming it."""
+    """'1,2,3' (spaces around commas allowed) per row -> [[1, 2, 3]]; anything else ('5 6', '5_0', '-1', digits
+    of other scripts) is a one-line error: ids are never glued together or read in another notation."""
     parsed = []
     for row in rows:
-        try:
-            parsed.append([int(tok) for tok in row.replace(" ", "").split(",") if tok])
-        except ValueError:
-            raise MoetrtError(f"--token-ids {row!r}: expected comma-separated integers such as 1,2,3") from None
+        if not _TOKEN_IDS.fullmatch(row) or len(row) > 10_000_000:
+            raise MoetrtError(f"--token-ids {row[:80]!r}: expected comma-separated integers such as 1,2,3")
+        parsed.append([int(tok) for tok in row.split(",") if tok.strip()])
     return parsed
 
 
