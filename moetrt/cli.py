@@ -293,6 +293,7 @@ def generate(
         typer.Option(help="directory with the tokenizer files (default: the engine's, from its checkpoint)"),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object instead of streaming")] = False,
+    verify: Annotated[bool, typer.Option(help="check the engine files' sha256 digests before loading")] = False,
 ) -> None:
     """Generate from a prompt or a chat message, streaming the text, then print prefill ms and decode tokens/s.
 
@@ -304,7 +305,7 @@ def generate(
     result = run_generate(
         engine_dir, prompts=prompt or [], token_ids=token_ids or [], chat=chat, system=system, messages_file=messages,
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-        tokenizer_dir=tokenizer, add_bos=bos, stop=stop or [],
+        tokenizer_dir=tokenizer, add_bos=bos, stop=stop or [], verify=verify,
         on_prompt=(lambda text: print_literal(text, style="dim")) if stream_one else None,
         on_text=print_literal if stream_one else None,
     )  # fmt: skip
@@ -321,6 +322,18 @@ def generate(
         f"\n[dim]prefill {result['prefill_ms']:.1f} ms, first token {result['ttft_ms']:.1f} ms, "
         f"decode {result['decode_tokens_per_s']:.1f} tokens/s ({result['backend']})[/dim]"
     )
+
+
+@command
+def verify(
+    artifact_dir: Annotated[Path, typer.Argument(help="engine (or export) directory")],
+) -> None:
+    """Check every file of an engine or export against the size and sha256 its manifest recorded when written."""
+    from moetrt.artifacts import verify_artifact
+
+    records = verify_artifact(artifact_dir, kind=None)
+    total = sum(record["size"] for record in records.values())
+    console.print(f"{literal(artifact_dir)}: {len(records)} files, {total:,} bytes match their sha256 digests")
 
 
 @command

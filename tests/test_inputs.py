@@ -590,3 +590,122 @@ def test_text_is_printed_literally(single, engine, tmp_path):
     code, stdout, stderr = cli("build", str(export), "-o", str(out), "--threads", "1")
     assert code == 0, stderr
     assert f"ort engine written to {out}" in stdout.replace("\n", "")
+
+
+# --- kind 7: engine integrity ---------------------------------------------------------------------------
+def manifest_of(d):
+    return json.loads((d / "moetrt.json").read_text())
+
+
+def test_manifest_records_sizes_and_digests_written_with_the_files(engine):
+    import hashlib
+
+    _, engine_dir, export = engine
+    for d in (engine_dir, export):
+        records = manifest_of(d)["file_records"]
+        assert set(records) == {"model.onnx", "model.onnx.data"}
+        for name, record in records.items():
+            data = (d / name).read_bytes()
+            assert record == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def test_tampered_weights_are_caught(engine, tmp_path):
+    from moetrt.artifacts import verify_artifact
+    from moetrt.runtime.engine import load_backend
+
+    checkpoint, engine_dir, _ = engine
+    d = engine_copy(engine_dir, tmp_path / "flipped")
+    data = bytearray((d / "model.onnx.data").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (d / "model.onnx.data").write_bytes(bytes(data))
+    load_backend(d).close()  # same size: loads (sizes are checked on every load, digests on request)
+    code, _, stderr = cli("verify", str(d))
+    assert "model.onnx.data: content differs from the sha256 the manifest records" in assert_usage_error(code, stderr)
+    code, _, stderr = cli("generate", str(d), "--token-ids", "1,2", "--max-new-tokens", "2", "--verify")
+    assert "content differs" in assert_usage_error(code, stderr)
+    code, stdout, stderr = cli("verify", str(engine_dir))
+    assert code == 0 and "2 files" in stdout, stderr
+    # the same-shaped weights of another engine
+    from moetrt.engines.ort import build_ort_engine
+    from moetrt.export import export_checkpoint
+
+    other = make_checkpoint(tmp_path / "other", TINY, seed=9)
+    export = export_checkpoint(other, tmp_path / "other-export", max_seq_len=64, max_batch=2, progress=False)
+    other_engine = build_ort_engine(export, tmp_path / "other-engine", threads=1, progress=False)
+    d = engine_copy(engine_dir, tmp_path / "swapped")
+    (d / "model.onnx.data").write_bytes((other_engine / "model.onnx.data").read_bytes())
+    with pytest.raises(MoetrtError, match="model.onnx.data: content differs"):
+        verify_artifact(d)
+    # truncated or grown: refused on every load
+    for cut in (-1, 1):
+        d = engine_copy(engine_dir, tmp_path / f"size{cut}")
+        raw = (d / "model.onnx.data").read_bytes()
+        (d / "model.onnx.data").write_bytes(raw[:cut] if cut < 0 else raw + b"\0")
+        with pytest.raises(MoetrtError) as err:
+            load_backend(d)
+        assert "the manifest records" in one_line(err.value) and "re-create it" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "path, value, message",
+    [
+        (("max_seq_len",), "abc", "field 'max_seq_len': Input should be a valid integer, found 'abc'"),
+        (("dtype",), "float16", "field 'dtype' is 'float16', the engine's graph runs float32"),
+        (("config", "vocab_size"), 511, "field 'config.vocab_size' is 511, the engine's graph has 512 logits"),
+        (("config", "num_hidden_layers"), "2", "field 'config.num_hidden_layers': Input should be a valid integer"),
+        (("file_records", "model.onnx.data", "size"), -1, "field 'file_records.model.onnx.data.size'"),
+        (("max_batch",), 10**12, "field 'max_batch': Input should be less than or equal to 65536"),
+    ],
+)
+def test_tampered_manifest_values_are_named(engine, tmp_path, path, value, message):
+    from moetrt.runtime.engine import load_backend
+
+    _, engine_dir, _ = engine
+    d = engine_copy(engine_dir, tmp_path / "engine")
+    body = manifest_of(d)
+    target = body
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    (d / "moetrt.json").write_text(json.dumps(body))
+    with pytest.raises(MoetrtError) as err:
+        load_backend(d)
+    assert message in one_line(err.value)
+
+
+MANIFEST_FIELDS = ("max_seq_len", "max_batch", "dtype", "threads", "device", "backend", "io", "parent", "precision",
+                   "file_records", "config.vocab_size", "config.num_hidden_layers", "config.head_dim",
+                   "config.rope_theta", "config.eos_token_ids", "config.tie_word_embeddings",
+                   "config.rope_scaling")  # fmt: skip
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(field=st.sampled_from(MANIFEST_FIELDS), value=json_values)
+def test_manifests_are_checked_or_the_engine_computes_the_same(engine, tmp_path_factory, field, value):
+    import numpy as np
+
+    from moetrt.runtime.engine import load_backend
+
+    _, engine_dir, _ = engine
+    d = tmp_path_factory.mktemp("m") / "engine"
+    d.mkdir()
+    for file in engine_dir.iterdir():
+        (d / file.name).symlink_to(file) if file.name != "moetrt.json" else None
+    body = manifest_of(engine_dir)
+    target, *rest = field.split(".")
+    if rest:
+        body[target][rest[0]] = value
+    else:
+        body[target] = value
+    (d / "moetrt.json").write_text(json.dumps(body))
+    ids, pos = np.array([[1, 5, 9]]), np.array([[0, 1, 2]])
+    try:
+        backend = load_backend(d, max_batch=1)
+        got = backend.step(ids, pos)
+        backend.close()
+    except MoetrtError as err:
+        one_line(err)
+        return
+    with load_backend(engine_dir, max_batch=1) as reference:
+        want = reference.step(ids, pos)
+    np.testing.assert_array_equal(got, want)

@@ -19,7 +19,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from moetrt.artifacts import carry_tokenizer, check_output_dir, write_manifest
+from moetrt.artifacts import FileDigest, carry_tokenizer, check_output_dir, file_records, write_manifest
 from moetrt.errors import MoetrtError
 from moetrt.export.trace import trace
 from moetrt.export.weights import place_external, write_weights
@@ -65,14 +65,16 @@ def export_checkpoint(
             model = trace(config, dtype, max_seq_len)
             slots = place_external(model.graph)
             ir.save(model, tmp / MODEL_FILE)
+            digests: dict[str, FileDigest | None] = {MODEL_FILE: None}
             if reader:
+                digests[DATA_FILE] = digest = FileDigest(tmp / DATA_FILE)
                 total, done = sum(length for _, length in slots.values()), [0]
 
                 def advance(name: str, nbytes: int) -> None:
                     done[0] += nbytes
                     report(f"weights: {name}", done[0], total)
 
-                write_weights(tmp / DATA_FILE, reader, slots, dtype, advance)
+                write_weights(tmp / DATA_FILE, reader, slots, dtype, advance, digest)
                 check_model(tmp / MODEL_FILE)
             else:
                 with _sparse_placeholder(tmp / DATA_FILE, max(offset + n for offset, n in slots.values())):
@@ -86,6 +88,7 @@ def export_checkpoint(
                 "parent": checkpoint_hash(checkpoint_dir),
                 "weights": weights,
                 "files": {"model": MODEL_FILE, "data": DATA_FILE if weights else None},
+                "file_records": file_records(tmp, digests),
             }
             write_manifest(tmp, "export", body)
             carry_tokenizer(checkpoint_dir, tmp)
