@@ -494,4 +494,7 @@ def serve(
 
 
 def main() -> None:
+    from moetrt.fsutil import exit_on_interrupt
+
+    exit_on_interrupt(lambda: print("interrupted", file=sys.stderr))  # Ctrl-C: exit 130, no half-written output
     app()

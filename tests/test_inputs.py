@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -709,3 +710,91 @@ def test_manifests_are_checked_or_the_engine_computes_the_same(engine, tmp_path_
     with load_backend(engine_dir, max_batch=1) as reference:
         want = reference.step(ids, pos)
     np.testing.assert_array_equal(got, want)
+
+
+# --- kind 8: interrupts and temporary names ---------------------------------------------------------------
+def test_temporary_names_fit_the_file_name_limit(tmp_path):
+    from moetrt.fsutil import atomic_dir
+
+    out = tmp_path / ("o" * 250)
+    with atomic_dir(out) as tmp:
+        assert len(tmp.name.encode()) <= 255 and tmp.parent == tmp_path
+        (tmp / "x").write_text("1")
+    with atomic_dir(out) as tmp:  # overwrite: the `.old-<pid>` name fits too
+        (tmp / "x").write_text("2")
+    assert (out / "x").read_text() == "2" and [p.name for p in tmp_path.iterdir()] == [out.name]
+    too_long = "the name is 256 bytes; file names are limited to 255 bytes"
+    with pytest.raises(MoetrtError, match=too_long), atomic_dir(tmp_path / ("o" * 256)):
+        pass
+    long = tmp_path / ("é" * 127)  # 254 bytes, multi-byte characters
+    with atomic_dir(long) as tmp:
+        (tmp / "x").write_text("3")
+    assert (long / "x").read_text() == "3"
+
+
+def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
+    import subprocess
+    import sys
+
+    from moetrt.fsutil import atomic_dir
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    out = tmp_path / "out"
+    stale = [tmp_path / f".out.tmp-{dead_pid}-abcd1234", tmp_path / f".out.old-{dead_pid}"]
+    live = tmp_path / f".out.tmp-{os.getpid()}-live0000"
+    other = tmp_path / f".outer.tmp-{dead_pid}-abcd1234"
+    for d in (*stale, live, other):
+        d.mkdir()
+    with atomic_dir(out) as tmp:
+        (tmp / "x").write_text("1")
+    assert not any(d.exists() for d in stale)
+    assert live.exists() and other.exists()  # a live writer's, another output's
+
+
+def wait_for(predicate, proc, timeout=600.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGKILL"])
+def test_interrupted_export_leaves_the_old_output_and_no_temporaries(single, engine, tmp_path, signal_name):
+    import shutil
+    import signal
+    import subprocess
+    import sys
+
+    checkpoint, _ = single
+    _, _, export = engine
+    out = tmp_path / "export"
+    shutil.copytree(export, out)
+    before = (out / "moetrt.json").read_bytes()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moetrt", "export", str(checkpoint), "-o", str(out), "--max-seq-len", "64"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        started = wait_for(lambda: any(p.name.startswith(".export.tmp-") for p in tmp_path.iterdir()), proc)
+        assert started, proc.communicate(timeout=60)
+        proc.send_signal(getattr(signal, signal_name))
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert (out / "moetrt.json").read_bytes() == before  # the earlier export is intact
+    if signal_name == "SIGINT":
+        assert proc.returncode == 130 and stderr.strip().splitlines()[-1] == "interrupted", stderr
+        assert "Traceback" not in stderr
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    else:
+        assert proc.returncode == -signal.SIGKILL
+        assert any(p.name.startswith(".export.tmp-") for p in tmp_path.iterdir())
+        from moetrt.fsutil import remove_stale_temporaries
+
+        assert remove_stale_temporaries(out)  # what the next write of this output does first
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
