@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from moetrt.errors import MoetrtError
@@ -96,8 +96,10 @@ def test_config_json_fields_are_checked_or_kept_exactly(tmp_path_factory, field,
     except MoetrtError as err:
         message = one_line(err)
         assert "config.json" in message
+        event("refused in one line")
         return
     expected_after_success(field, value, config)
+    event("accepted, value kept exactly")
 
 
 @pytest.mark.parametrize(
@@ -200,7 +202,9 @@ def test_shard_index_is_checked_or_read_exactly(sharded, tmp_path_factory, mutat
             got = dict(reader.tensors())
     except MoetrtError as err:
         one_line(err)
+        event("refused in one line")
         return
+    event("accepted, tensors identical")
     assert got.keys() == reference.keys()
     assert all(torch.equal(got[name], reference[name]) for name in reference)
 
@@ -311,7 +315,9 @@ def test_rope_resolution_matches_transformers_or_is_refused(rope, as_scaling):
         config = MixtralConfig.from_hf_dict(json.loads(json.dumps(body)))
     except MoetrtError as err:
         one_line(err)
+        event("refused in one line")
         return
+    event(f"accepted {config.rope_scaling.rope_type if config.rope_scaling else 'default'}, equal to transformers")
     hf_config = transformers.MixtralConfig.from_dict(json.loads(json.dumps(body)))
     hf = MixtralRotaryEmbedding(hf_config)
     inv_freq, scaling = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
@@ -390,7 +396,9 @@ def test_safetensors_headers_are_checked_or_read_exactly(single, tmp_path_factor
             got = dict(reader.tensors())
     except MoetrtError as err:
         one_line(err)
+        event("refused in one line")
         return
+    event("accepted, tensors identical")
     # accepted: the same tensors (a float dtype relabelled with the same byte size would not be)
     assert all(torch.equal(got[name].float(), reference[name].float()) for name in reference)
 
@@ -497,7 +505,9 @@ def test_generate_arguments_are_refused_in_one_line_or_used_exactly(single, toke
     code, stdout, stderr = cli(*args, "--json")
     if code != 0:
         assert_usage_error(code, stderr)
+        event("refused in one line")
         return
+    event("accepted, arguments used exactly")
     result = json.loads(stdout)
     ids = [int(t) for t in token_ids.split(",") if t.strip()]
     assert TOKEN_IDS.fullmatch(token_ids) and all(0 <= i < TINY.vocab_size for i in ids)
@@ -706,7 +716,9 @@ def test_manifests_are_checked_or_the_engine_computes_the_same(engine, tmp_path_
         backend.close()
     except MoetrtError as err:
         one_line(err)
+        event("refused in one line")
         return
+    event("accepted, logits identical")
     with load_backend(engine_dir, max_batch=1) as reference:
         want = reference.step(ids, pos)
     np.testing.assert_array_equal(got, want)
