@@ -84,8 +84,12 @@ def expected_after_success(field: str, value, config: MixtralConfig) -> None:
         assert config.rope_theta == TINY.rope_theta and config.rope_scaling is None
 
 
+plausible = st.one_of(st.integers(0, 64), st.integers(2**20, 2**25), st.floats(1e-7, 1e7), st.booleans(), st.none(),
+                      st.sampled_from(["float32", "bfloat16", "silu", ["MixtralForCausalLM"], [2, 3]]))  # fmt: skip
+
+
 @FAST
-@given(field=st.sampled_from(FIELDS), value=json_values)
+@given(field=st.sampled_from(FIELDS), value=st.one_of(json_values, plausible))
 def test_config_json_fields_are_checked_or_kept_exactly(tmp_path_factory, field, value):
     d = tmp_path_factory.mktemp("cfg")
     body = TINY.to_hf_dict()
@@ -299,8 +303,25 @@ rope_dicts = st.fixed_dictionaries(
 )
 
 
+valid_rope_dicts = st.one_of(
+    st.fixed_dictionaries({"rope_type": st.sampled_from(["linear", "dynamic"]), "factor": st.floats(1, 16)}),
+    st.fixed_dictionaries(
+        {"rope_type": st.just("yarn"), "factor": st.floats(1, 16)},
+        optional={"original_max_position_embeddings": st.sampled_from([16, 64, 256]),
+                  "beta_fast": st.sampled_from([16, 32.0]), "beta_slow": st.sampled_from([1, 2.0]),
+                  "attention_factor": st.floats(0.5, 2), "mscale": st.floats(0.5, 1.5),
+                  "mscale_all_dim": st.floats(0.5, 1.5), "truncate": st.booleans(), "rope_theta": st.just(5e5)},
+    ),
+    st.fixed_dictionaries(
+        {"rope_type": st.just("llama3"), "factor": st.floats(1, 16), "low_freq_factor": st.floats(0.5, 2),
+         "high_freq_factor": st.floats(2.5, 8)},
+        optional={"original_max_position_embeddings": st.sampled_from([16, 64, 256]), "rope_theta": st.just(5e5)},
+    ),
+)  # fmt: skip
+
+
 @settings(max_examples=80, deadline=None)
-@given(rope=rope_dicts, as_scaling=st.booleans())
+@given(rope=st.one_of(rope_dicts, valid_rope_dicts), as_scaling=st.booleans())
 def test_rope_resolution_matches_transformers_or_is_refused(rope, as_scaling):
     """Our (inv_freq, attention scaling) equal transformers' MixtralRotaryEmbedding's for every rope dict we
     accept; whatever we refuse is refused with one line."""
@@ -691,7 +712,7 @@ MANIFEST_FIELDS = ("max_seq_len", "max_batch", "dtype", "threads", "device", "ba
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(field=st.sampled_from(MANIFEST_FIELDS), value=json_values)
+@given(field=st.sampled_from(MANIFEST_FIELDS), value=st.one_of(json_values, plausible))
 def test_manifests_are_checked_or_the_engine_computes_the_same(engine, tmp_path_factory, field, value):
     import numpy as np
 
