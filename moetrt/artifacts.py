@@ -16,7 +16,12 @@ an artifact it cannot use: another kind, another moetrt or op-contract version, 
                       export for engines)
     checkpoint        engines: the `checkpoint_hash` their export was made from (`lineage`), so validation can
                       tell, without the export at hand, whether an engine comes from the checkpoint it is given
-Stages may add fields of their own.
+    file_records      {file name: {"size": bytes, "sha256": hex}} of the files the artifact's graph and weights
+                      live in, hashed while they are written (`FileDigest`)
+Stages may add fields of their own. `read_manifest` checks the recorded sizes on every read (a truncated,
+grown or swapped file is refused at once); `verify_artifact` also checks the digests (flipped bytes, the
+same-sized weights of another engine), which reads every byte, so it runs on request (`moetrt verify`,
+`--verify`).
 """
 
 from __future__ import annotations
@@ -145,6 +150,77 @@ def check_output_dir(output_dir: Path, source_dir: Path, source: str) -> None:
         output_dir.is_dir() and (not any(output_dir.iterdir()) or (output_dir / MANIFEST).is_file())
     ):
         raise MoetrtError(f"{output_dir}: exists and is not a moetrt artifact; choose another output directory")
+
+
+class FileDigest:
+    """sha256 and size of a file as its writer writes it, front to back, from the bytes it writes: `add`
+    takes each tensor's bytes at its offset (alignment gaps, which read back as zeros, hash as zeros), so no
+    second pass over a 100 GB weight file is made after the build. `record` also works alone, for a small
+    finished file (it then reads it)."""
+
+    CHUNK = 1 << 24
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._sha = hashlib.sha256()
+        self._done = 0
+
+    def add(self, offset: int, data: Any) -> None:
+        """The bytes `data` (bytes-like) written at `offset` (at or past everything added so far)."""
+        if offset < self._done:
+            raise AssertionError(f"{self.path}: write at {offset} before the hashed end {self._done}")
+        self._zeros(offset)
+        view = memoryview(data).cast("B")
+        self._sha.update(view)
+        self._done += view.nbytes
+
+    def record(self) -> dict[str, Any]:
+        """{"size", "sha256"} of the finished file; a file nothing was added to is read now."""
+        size = self.path.stat().st_size
+        if self._done == 0:
+            with open(self.path, "rb") as fh:
+                while chunk := fh.read(self.CHUNK):
+                    self._sha.update(chunk)
+                    self._done += len(chunk)
+        self._zeros(size)
+        if self._done != size:
+            raise AssertionError(f"{self.path}: {size} bytes on disk, {self._done} hashed")
+        return {"size": size, "sha256": self._sha.hexdigest()}
+
+    def _zeros(self, end: int) -> None:
+        while self._done < end:
+            n = min(self.CHUNK, end - self._done)
+            self._sha.update(bytes(n))
+            self._done += n
+
+
+def file_records(directory: Path, digests: dict[str, FileDigest | None]) -> dict[str, dict[str, Any]]:
+    """The manifest's `file_records` for `directory`'s files: each name's digest (None: hash the finished,
+    small file now, e.g. the graph)."""
+    return {name: (digest or FileDigest(Path(directory) / name)).record() for name, digest in digests.items()}
+
+
+def verify_artifact(directory: str | Path, kind: str | None = None) -> dict[str, dict[str, Any]]:
+    """Check every file the manifest records against its sha256 (reads each byte once); returns the records
+    checked, or raises a one-line MoetrtError naming the first file whose content changed. kind None: the
+    manifest's own kind (an export or an engine)."""
+    directory = Path(directory)
+    if kind is None:
+        path = directory / MANIFEST
+        check_regular_file(path, "a moetrt artifact manifest")
+        peek = load_json(path, "a moetrt artifact manifest", problem="corrupt manifest")
+        kind = peek.get("kind") if isinstance(peek, dict) and peek.get("kind") in KINDS else KINDS[-1]
+    records = read_manifest(directory, kind).get("file_records")
+    if not records:
+        raise MoetrtError(f"{directory / MANIFEST}: records no file digests (made by an older moetrt); re-create it")
+    for name, record in records.items():
+        found = FileDigest(directory / name).record()["sha256"]
+        if found != record["sha256"]:
+            raise MoetrtError(
+                f"{directory / name}: content differs from the sha256 the manifest records "
+                f"({found[:12]}... vs {record['sha256'][:12]}...); the artifact is damaged, re-create it"
+            )
+    return records
 
 
 def artifact_hash(directory: str | Path) -> str:

@@ -1,13 +1,15 @@
 """The `moetrt` command line: it parses arguments and calls one library function per command.
 
-User errors (`MoetrtError`) print as one `error: ...` line on stderr with exit status 2; tables go to the
-terminal by default and `--json` prints one JSON object instead.
+User errors (`MoetrtError`, and click's usage errors: an unknown option, `--max-new-tokens abc`) print as
+one `error: ...` line on stderr with exit status 2; tables go to the terminal by default and `--json` prints
+one JSON object instead. Paths, prompts and config values are printed literally (never as rich markup).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 import sys
 from collections.abc import Callable, Iterator
@@ -16,7 +18,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import typer.core
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, TextColumn, TimeElapsedColumn
 from rich.progress import Progress as RichProgress
 from rich.table import Table
@@ -26,8 +30,35 @@ from moetrt.bench.prepare import bench_backends
 from moetrt.errors import MoetrtError
 from moetrt.progress import Progress
 from moetrt.registry import BACKENDS, DEFAULT_BACKEND, backend_entry
+from moetrt.schema import MAX_BATCH, MAX_THREADS
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+try:  # typer >= 0.24 runs on its own copy of click; older typer on click itself
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_exceptions
+
+
+class _OneLineErrors(typer.core.TyperGroup):
+    """click's usage errors as one `error: ...` line with exit status 2 (not click's multi-line usage box)."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        try:
+            result = super().main(*args, standalone_mode=False, **kwargs)
+        except click_exceptions.NoArgsIsHelpError as err:
+            print(err.ctx.get_help(), file=sys.stderr)
+            result = 2
+        except click_exceptions.UsageError as err:
+            print(f"error: {err.format_message()}", file=sys.stderr)
+            result = 2
+        except typer.Abort:
+            print("interrupted", file=sys.stderr)
+            result = 130
+        if not standalone_mode:
+            return result
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 console = Console()
 PRECISIONS_HELP = "; ".join(f"{name}: {' | '.join(entry.precisions)}" for name, entry in BACKENDS.items())
 
@@ -92,12 +123,55 @@ def print_json(obj: Any) -> None:
 
 
 def key_value_table(title: str, rows: dict[str, Any]) -> Table:
-    table = Table(title=title, show_header=False)
+    table = Table(title=Text.from_markup(literal(title)), show_header=False)
     table.add_column(style="bold")
     table.add_column(justify="right")
     for key, value in rows.items():
-        table.add_row(key, f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value))
+        text = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+        table.add_row(Text.from_markup(literal(key)), Text.from_markup(literal(text)))
     return table
+
+
+def literal(value: object) -> str:
+    """`value` as markup that prints literally: rich markup escaped, undecodable path bytes backslash-escaped."""
+    return escape(str(value).encode("utf-8", "backslashreplace").decode("utf-8"))
+
+
+def integer(low: int | None = None, high: int | None = None) -> Callable[[Any], int]:
+    """An integer option's parser: decimal digits with an optional minus sign and nothing else (click would
+    take `5_0` as 50 and `2.0` as 2), within [low, high]."""
+
+    def parse(text: Any) -> int | None:
+        if text is None or isinstance(text, int):  # a default value
+            return text
+        if not re.fullmatch(r"-?[0-9]{1,30}", text):
+            raise typer.BadParameter(f"{text[:40]!r} is not an integer (decimal digits, at most 30)")
+        value = int(text)
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise typer.BadParameter(f"{value} is out of range; expected an integer {bounds}")
+        return value
+
+    return parse
+
+
+def number(text: Any) -> float | None:
+    """A float option's parser: a finite decimal number (no `nan`, `inf`, `1_0`)."""
+    if text is None or isinstance(text, float):
+        return text
+    if not re.fullmatch(r"-?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]{1,3})?", text) or not math.isfinite(float(text)):
+        raise typer.BadParameter(f"{text[:40]!r} is not a finite decimal number")
+    return float(text)
+
+
+def text_option(values: list[str] | str | None) -> list[str] | str | None:
+    """Refuse text that is not valid Unicode (lone surrogates: bytes that were not UTF-8 on the command line)."""
+    for value in [values] if isinstance(values, str) else values or []:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise typer.BadParameter(f"not valid UTF-8 (undecodable byte at character {err.start})") from None
+    return values
 
 
 def human_bytes(n: float) -> str:
@@ -140,8 +214,12 @@ def inspect(
 def export(
     checkpoint_dir: Annotated[Path, typer.Argument(help="Hugging Face checkpoint directory")],
     output: Annotated[Path, typer.Option("--output", "-o", help="export directory to write")],
-    max_seq_len: Annotated[int | None, typer.Option(help="KV-cache length (default: max_position_embeddings)")] = None,
-    max_batch: Annotated[int, typer.Option(help="largest batch engines are built for")] = 1,
+    max_seq_len: Annotated[
+        int | None, typer.Option(help="KV-cache length (default: max_position_embeddings)", parser=integer(1))
+    ] = None,
+    max_batch: Annotated[
+        int, typer.Option(help="largest batch engines are built for", parser=integer(1, MAX_BATCH))
+    ] = 1,
     dtype: Annotated[
         str | None, typer.Option(help="fp32 | fp16 | bf16, or float32 | float16 | bfloat16 (default: the checkpoint's)")
     ] = None,
@@ -162,7 +240,11 @@ def build(
     backend: Annotated[str, typer.Option(help=f"{' | '.join(BACKENDS)}")] = DEFAULT_BACKEND,
     precision: Annotated[str | None, typer.Option(help=PRECISIONS_HELP)] = None,
     threads: Annotated[
-        int | None, typer.Option(help="ort: serving threads; fp32 experts are sliced for them (default: all CPUs)")
+        int | None,
+        typer.Option(
+            help="ort: serving threads; fp32 experts are sliced for them (default: all CPUs)",
+            parser=integer(1, MAX_THREADS),
+        ),
     ] = None,
     device: Annotated[str | None, typer.Option(help="ort: cpu | cuda (needs onnxruntime-gpu)")] = None,
 ) -> None:
@@ -175,26 +257,36 @@ def build(
 @command
 def generate(
     engine_dir: Annotated[Path, typer.Argument(help="engine directory (or a checkpoint directory: eager)")],
-    prompt: Annotated[list[str] | None, typer.Option(help="prompt text; repeat for a batch")] = None,
-    chat: Annotated[str | None, typer.Option(help="a user message, rendered with the model's chat template")] = None,
-    system: Annotated[str | None, typer.Option(help="a system message before --chat")] = None,
+    prompt: Annotated[
+        list[str] | None, typer.Option(help="prompt text; repeat for a batch", callback=text_option)
+    ] = None,
+    chat: Annotated[
+        str | None,
+        typer.Option(help="a user message, rendered with the model's chat template", callback=text_option),
+    ] = None,
+    system: Annotated[str | None, typer.Option(help="a system message before --chat", callback=text_option)] = None,
     messages: Annotated[
         Path | None, typer.Option(help='a JSON file of chat messages: [{"role": "user", "content": "..."}, ...]')
     ] = None,
     token_ids: Annotated[list[str] | None, typer.Option(help="comma-separated ids; repeat for a batch")] = None,
     max_new_tokens: Annotated[
-        int | None, typer.Option(help="tokens to generate per row (default: generation_config.json's, else 64)")
+        int | None,
+        typer.Option(help="tokens to generate per row (default: generation_config.json's, else 64)", parser=integer(1)),
     ] = None,
     temperature: Annotated[
-        float | None, typer.Option(help="0 = greedy (default: generation_config.json's; greedy unless do_sample)")
+        float | None,
+        typer.Option(help="0 = greedy (default: generation_config.json's; greedy unless do_sample)", parser=number),
     ] = None,
-    top_k: Annotated[int | None, typer.Option(help="0 = no top-k filter (default: generation_config.json's)")] = None,
+    top_k: Annotated[
+        int | None, typer.Option(help="0 = no top-k filter (default: generation_config.json's)", parser=integer(0))
+    ] = None,
     top_p: Annotated[
-        float | None, typer.Option(help="1 = no nucleus filter (default: generation_config.json's)")
+        float | None, typer.Option(help="1 = no nucleus filter (default: generation_config.json's)", parser=number)
     ] = None,
-    seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
+    seed: Annotated[int, typer.Option(help="sampling seed", parser=integer(0))] = 0,
     stop: Annotated[
-        list[str] | None, typer.Option(help="stop before this text (repeatable); it is not printed")
+        list[str] | None,
+        typer.Option(help="stop before this text (repeatable); it is not printed", callback=text_option),
     ] = None,
     bos: Annotated[
         bool | None, typer.Option("--bos/--no-bos", help="add BOS to --prompt (default: tokenizer_config.json's)")
@@ -204,6 +296,7 @@ def generate(
         typer.Option(help="directory with the tokenizer files (default: the engine's, from its checkpoint)"),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object instead of streaming")] = False,
+    verify: Annotated[bool, typer.Option(help="check the engine files' sha256 digests before loading")] = False,
 ) -> None:
     """Generate from a prompt or a chat message, streaming the text, then print prefill ms and decode tokens/s.
 
@@ -215,7 +308,7 @@ def generate(
     result = run_generate(
         engine_dir, prompts=prompt or [], token_ids=token_ids or [], chat=chat, system=system, messages_file=messages,
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-        tokenizer_dir=tokenizer, add_bos=bos, stop=stop or [],
+        tokenizer_dir=tokenizer, add_bos=bos, stop=stop or [], verify=verify,
         on_prompt=(lambda text: print_literal(text, style="dim")) if stream_one else None,
         on_text=print_literal if stream_one else None,
     )  # fmt: skip
@@ -235,6 +328,18 @@ def generate(
 
 
 @command
+def verify(
+    artifact_dir: Annotated[Path, typer.Argument(help="engine (or export) directory")],
+) -> None:
+    """Check every file of an engine or export against the size and sha256 its manifest recorded when written."""
+    from moetrt.artifacts import verify_artifact
+
+    records = verify_artifact(artifact_dir, kind=None)
+    total = sum(record["size"] for record in records.values())
+    console.print(f"{literal(artifact_dir)}: {len(records)} files, {total:,} bytes match their sha256 digests")
+
+
+@command
 def demo() -> None:
     """The whole pipeline on a small built-in model: checkpoint, export, engine, streamed generation, validation."""
     from moetrt.demo import run_demo
@@ -250,11 +355,13 @@ def bench(
     backends: Annotated[str, typer.Option(help=f"comma-separated: {', '.join(bench_backends())}")] = (
         "eager,ort-fp32,ort-int8,ort-int4"
     ),
-    prompt_len: Annotated[int, typer.Option(help="prompt tokens per row")] = 128,
-    new_tokens: Annotated[int, typer.Option(help="tokens generated per row")] = 128,
-    batch: Annotated[int, typer.Option(help="rows per batch")] = 1,
-    threads: Annotated[int | None, typer.Option(help="CPU threads (default: physical cores)")] = None,
-    rounds: Annotated[int, typer.Option(help="interleaved rounds; figures are medians")] = 1,
+    prompt_len: Annotated[int, typer.Option(help="prompt tokens per row", parser=integer(1))] = 128,
+    new_tokens: Annotated[int, typer.Option(help="tokens generated per row", parser=integer(1))] = 128,
+    batch: Annotated[int, typer.Option(help="rows per batch", parser=integer(1, MAX_BATCH))] = 1,
+    threads: Annotated[
+        int | None, typer.Option(help="CPU threads (default: physical cores)", parser=integer(1, MAX_THREADS))
+    ] = None,
+    rounds: Annotated[int, typer.Option(help="interleaved rounds; figures are medians", parser=integer(1))] = 1,
     workdir: Annotated[Path | None, typer.Option(help="where exports and engines go (default: in the cache)")] = None,
     reuse: Annotated[bool, typer.Option(help="keep artifacts in --workdir made from the same parent")] = False,
     as_json: Annotated[Path | None, typer.Option("--json", help="write the rows as a JSON list")] = None,
@@ -284,9 +391,9 @@ def validate(
     checkpoint_dir: Annotated[Path, typer.Argument(help="the Hugging Face checkpoint the engine was made from")],
     engine_dir: Annotated[Path, typer.Argument(help="engine directory written by `moetrt build`")],
     prompts: Annotated[Path | None, typer.Option(help="a text file, one prompt per line")] = None,
-    num_random: Annotated[int, typer.Option(help="seeded random prompts to add")] = 4,
-    steps: Annotated[int, typer.Option(help="greedy decode steps compared")] = 16,
-    batch: Annotated[int, typer.Option(help="prompts run together")] = 2,
+    num_random: Annotated[int, typer.Option(help="seeded random prompts to add", parser=integer(0))] = 4,
+    steps: Annotated[int, typer.Option(help="greedy decode steps compared", parser=integer(1))] = 16,
+    batch: Annotated[int, typer.Option(help="prompts run together", parser=integer(1, MAX_BATCH))] = 2,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the full report as JSON")] = None,
 ) -> None:
     """Check an engine against the eager reference: logits, per-layer states, routing, greedy tokens, KV cache.
@@ -391,4 +498,7 @@ def serve(
 
 
 def main() -> None:
+    from moetrt.fsutil import exit_on_interrupt
+
+    exit_on_interrupt(lambda: print("interrupted", file=sys.stderr))  # Ctrl-C: exit 130, no half-written output
     app()

@@ -139,6 +139,6 @@ def _summary(steps: list[Step], startup_s: float) -> Table:
         table.add_column(column, justify="right" if column == "seconds" else "left", overflow="fold")
     table.add_row("start-up", f"{startup_s:.1f}", "", "Python, torch and moetrt imports", style="dim")
     for step in steps:
-        table.add_row(step.name, f"{step.seconds:.1f}", str(step.artifact or "-"), step.note)
+        table.add_row(step.name, f"{step.seconds:.1f}", Text(str(step.artifact or "-")), Text(step.note))
     table.add_row("total", f"{startup_s + sum(s.seconds for s in steps):.1f}", "", "", style="bold")
     return table

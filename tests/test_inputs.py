@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from moetrt.errors import MoetrtError
@@ -83,8 +84,12 @@ def expected_after_success(field: str, value, config: MixtralConfig) -> None:
         assert config.rope_theta == TINY.rope_theta and config.rope_scaling is None
 
 
+plausible = st.one_of(st.integers(0, 64), st.integers(2**20, 2**25), st.floats(1e-7, 1e7), st.booleans(), st.none(),
+                      st.sampled_from(["float32", "bfloat16", "silu", ["MixtralForCausalLM"], [2, 3]]))  # fmt: skip
+
+
 @FAST
-@given(field=st.sampled_from(FIELDS), value=json_values)
+@given(field=st.sampled_from(FIELDS), value=st.one_of(json_values, plausible))
 def test_config_json_fields_are_checked_or_kept_exactly(tmp_path_factory, field, value):
     d = tmp_path_factory.mktemp("cfg")
     body = TINY.to_hf_dict()
@@ -95,8 +100,10 @@ def test_config_json_fields_are_checked_or_kept_exactly(tmp_path_factory, field,
     except MoetrtError as err:
         message = one_line(err)
         assert "config.json" in message
+        event("refused in one line")
         return
     expected_after_success(field, value, config)
+    event("accepted, value kept exactly")
 
 
 @pytest.mark.parametrize(
@@ -199,7 +206,9 @@ def test_shard_index_is_checked_or_read_exactly(sharded, tmp_path_factory, mutat
             got = dict(reader.tensors())
     except MoetrtError as err:
         one_line(err)
+        event("refused in one line")
         return
+    event("accepted, tensors identical")
     assert got.keys() == reference.keys()
     assert all(torch.equal(got[name], reference[name]) for name in reference)
 
@@ -294,8 +303,25 @@ rope_dicts = st.fixed_dictionaries(
 )
 
 
+valid_rope_dicts = st.one_of(
+    st.fixed_dictionaries({"rope_type": st.sampled_from(["linear", "dynamic"]), "factor": st.floats(1, 16)}),
+    st.fixed_dictionaries(
+        {"rope_type": st.just("yarn"), "factor": st.floats(1, 16)},
+        optional={"original_max_position_embeddings": st.sampled_from([16, 64, 256]),
+                  "beta_fast": st.sampled_from([16, 32.0]), "beta_slow": st.sampled_from([1, 2.0]),
+                  "attention_factor": st.floats(0.5, 2), "mscale": st.floats(0.5, 1.5),
+                  "mscale_all_dim": st.floats(0.5, 1.5), "truncate": st.booleans(), "rope_theta": st.just(5e5)},
+    ),
+    st.fixed_dictionaries(
+        {"rope_type": st.just("llama3"), "factor": st.floats(1, 16), "low_freq_factor": st.floats(0.5, 2),
+         "high_freq_factor": st.floats(2.5, 8)},
+        optional={"original_max_position_embeddings": st.sampled_from([16, 64, 256]), "rope_theta": st.just(5e5)},
+    ),
+)  # fmt: skip
+
+
 @settings(max_examples=80, deadline=None)
-@given(rope=rope_dicts, as_scaling=st.booleans())
+@given(rope=st.one_of(rope_dicts, valid_rope_dicts), as_scaling=st.booleans())
 def test_rope_resolution_matches_transformers_or_is_refused(rope, as_scaling):
     """Our (inv_freq, attention scaling) equal transformers' MixtralRotaryEmbedding's for every rope dict we
     accept; whatever we refuse is refused with one line."""
@@ -310,7 +336,9 @@ def test_rope_resolution_matches_transformers_or_is_refused(rope, as_scaling):
         config = MixtralConfig.from_hf_dict(json.loads(json.dumps(body)))
     except MoetrtError as err:
         one_line(err)
+        event("refused in one line")
         return
+    event(f"accepted {config.rope_scaling.rope_type if config.rope_scaling else 'default'}, equal to transformers")
     hf_config = transformers.MixtralConfig.from_dict(json.loads(json.dumps(body)))
     hf = MixtralRotaryEmbedding(hf_config)
     inv_freq, scaling = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
@@ -389,7 +417,9 @@ def test_safetensors_headers_are_checked_or_read_exactly(single, tmp_path_factor
             got = dict(reader.tensors())
     except MoetrtError as err:
         one_line(err)
+        event("refused in one line")
         return
+    event("accepted, tensors identical")
     # accepted: the same tensors (a float dtype relabelled with the same byte size would not be)
     assert all(torch.equal(got[name].float(), reference[name].float()) for name in reference)
 
@@ -460,3 +490,344 @@ def test_validate_runs_the_engine_checks_generate_runs(engine, tmp_path, damage)
     with pytest.raises(MoetrtError) as validate_err:
         validate(checkpoint, d, num_random=1, steps=1, batch=1)
     assert one_line(validate_err.value) == one_line(generate_err.value)
+
+
+# --- kinds 3, 5, 6: the command line -------------------------------------------------------------------
+def cli(*args: str):
+    """Run the CLI in-process (click's CliRunner on moetrt's own entry group): (exit code, stdout, stderr)."""
+    from typer.testing import CliRunner
+
+    from moetrt.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+def assert_usage_error(code: int, stderr: str) -> str:
+    assert code == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+TOKEN_IDS = __import__("re").compile(r"\s*[0-9]+(\s*,\s*[0-9]+)*\s*,?\s*")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    token_ids=st.one_of(st.text(alphabet="0123456789 ,_-+.x٣\t", max_size=12), st.just("5, 6"), st.just("7,")),
+    max_new_tokens=st.one_of(st.integers(-3, 4).map(str), st.sampled_from(["abc", "1.5", "", "1e3", "٣", "0x2"])),
+    seed=st.one_of(st.integers(-(2**70), 2**70).map(str), st.sampled_from(["-1", "x", "2.0"])),
+)
+def test_generate_arguments_are_refused_in_one_line_or_used_exactly(single, token_ids, max_new_tokens, seed):
+    checkpoint, _ = single
+    args = ("generate", str(checkpoint), "--token-ids", token_ids, "--max-new-tokens", max_new_tokens, "--seed", seed)
+    code, stdout, stderr = cli(*args, "--json")
+    if code != 0:
+        assert_usage_error(code, stderr)
+        event("refused in one line")
+        return
+    event("accepted, arguments used exactly")
+    result = json.loads(stdout)
+    ids = [int(t) for t in token_ids.split(",") if t.strip()]
+    assert TOKEN_IDS.fullmatch(token_ids) and all(0 <= i < TINY.vocab_size for i in ids)
+    assert result["prompt_token_ids"] == ids
+    assert max_new_tokens.isascii() and int(max_new_tokens) >= 1 and len(result["token_ids"]) <= int(max_new_tokens)
+    assert seed.isdigit() and seed.isascii() and len(seed) <= 30
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--seed", "-1"], "error: Invalid value for '--seed': -1 is out of range; expected an integer >= 0"),
+        (["--seed", "5_0"], "error: Invalid value for '--seed': '5_0' is not an integer (decimal digits, at most 30)"),
+        (["--max-new-tokens", "abc"], "error: Invalid value for '--max-new-tokens': 'abc' is not an integer"),
+        (["--temperature", "nan"], "error: Invalid value for '--temperature': 'nan' is not a finite decimal number"),
+        (["--token-ids", "5 6"], "--token-ids '5 6': expected comma-separated integers"),
+        (["--token-ids", "5_0"], "--token-ids '5_0': expected comma-separated integers"),
+        (["--prompt", "caf\udce9"], "error: Invalid value for '--prompt': not valid UTF-8"),
+        (["--nope"], "error: No such option: --nope"),
+    ],
+)
+def test_cli_examples_of_the_issue(single, args, message):
+    checkpoint, _ = single
+    base = ["--token-ids", "1,2"] if "--token-ids" not in args and "--prompt" not in args else []
+    code, _, stderr = cli("generate", str(checkpoint), *base, *args)
+    assert message in assert_usage_error(code, stderr)
+
+
+def test_validate_arguments_are_checked_before_the_run(engine, tmp_path):
+    checkpoint, engine_dir, _ = engine
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(b"caf\xe9\n")
+    code, _, stderr = cli("validate", str(checkpoint), str(engine_dir), "--prompts", str(prompts))
+    assert "prompts.txt: not UTF-8 text (byte 3)" in assert_usage_error(code, stderr)
+    code, _, stderr = cli("validate", str(checkpoint), str(engine_dir), "--json", str(tmp_path))
+    assert "is a directory; expected a file path to write" in assert_usage_error(code, stderr)
+
+
+def test_usage_errors_through_the_real_entry_point(single):
+    import os
+    import subprocess
+    import sys
+
+    checkpoint, _ = single
+    for extra in ([b"--max-new-tokens", b"abc"], [b"--prompt", b"caf\xe9"]):
+        proc = subprocess.run(
+            [sys.executable.encode(), b"-m", b"moetrt", b"generate", os.fsencode(checkpoint), *extra],
+            capture_output=True, timeout=300,
+        )  # fmt: skip
+        assert_usage_error(proc.returncode, proc.stderr.decode())
+
+
+def test_resource_bounds(single, engine, tmp_path):
+    from moetrt.engines.ort import build_ort_engine
+    from moetrt.export import export_checkpoint
+    from moetrt.runtime.engine import load_backend
+
+    checkpoint, _ = single
+    _, _, export = engine
+    code, _, stderr = cli("build", str(export), "-o", str(tmp_path / "e"), "--threads", str(10**12))
+    assert "'--threads': 1000000000000 is out of range; expected an integer in [1, 4096]" in assert_usage_error(
+        code, stderr
+    )
+    for threads in (0, 10**12):
+        with pytest.raises(MoetrtError, match=rf"threads: expected an integer in \[1, 4096\], found {threads}"):
+            build_ort_engine(export, tmp_path / "e", threads=threads, progress=False)
+    code, _, stderr = cli("export", str(checkpoint), "-o", str(tmp_path / "x"), "--max-batch", str(10**12))
+    assert "'--max-batch'" in assert_usage_error(code, stderr)
+    with pytest.raises(MoetrtError, match=r"max_batch: expected an integer in \[1, 65536\]"):
+        export_checkpoint(checkpoint, tmp_path / "x", max_batch=10**12, progress=False)
+    body = TINY.to_hf_dict()
+    (tmp_path / "big").mkdir()
+    (tmp_path / "big" / "config.json").write_text(json.dumps({**body, "num_hidden_layers": 10**12}))
+    code, _, stderr = cli("inspect", str(tmp_path / "big"))
+    assert "field 'num_hidden_layers': Input should be less than or equal to 1024" in assert_usage_error(code, stderr)
+    # memory is checked before allocating, with how much was needed
+    with pytest.raises(MoetrtError, match=r"KV cache of 1 rows x 1000000000 tokens: needs 476\.8 GiB, this machine"):
+        load_backend(checkpoint, max_seq_len=10**9)
+    assert not (tmp_path / "e").exists() and not (tmp_path / "x").exists()
+
+
+def test_text_is_printed_literally(single, engine, tmp_path):
+    checkpoint, _ = single
+    _, _, export = engine
+    marked = tmp_path / "ck[/x]"
+    marked.mkdir(parents=True)  # "ck[" holding "x]": the path reads ck[/x] as rich markup would
+    (marked / "config.json").write_text(json.dumps(TINY.to_hf_dict()))
+    code, stdout, stderr = cli("inspect", str(marked))
+    assert code == 0 and "ck[/x]" in stdout.replace("\n", ""), stderr
+    out = tmp_path / "out[/x]y"
+    code, stdout, stderr = cli("build", str(export), "-o", str(out), "--threads", "1")
+    assert code == 0, stderr
+    assert f"ort engine written to {out}" in stdout.replace("\n", "")
+
+
+# --- kind 7: engine integrity ---------------------------------------------------------------------------
+def manifest_of(d):
+    return json.loads((d / "moetrt.json").read_text())
+
+
+def test_manifest_records_sizes_and_digests_written_with_the_files(engine):
+    import hashlib
+
+    _, engine_dir, export = engine
+    for d in (engine_dir, export):
+        records = manifest_of(d)["file_records"]
+        assert set(records) == {"model.onnx", "model.onnx.data"}
+        for name, record in records.items():
+            data = (d / name).read_bytes()
+            assert record == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def test_tampered_weights_are_caught(engine, tmp_path):
+    from moetrt.artifacts import verify_artifact
+    from moetrt.runtime.engine import load_backend
+
+    checkpoint, engine_dir, _ = engine
+    d = engine_copy(engine_dir, tmp_path / "flipped")
+    data = bytearray((d / "model.onnx.data").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (d / "model.onnx.data").write_bytes(bytes(data))
+    load_backend(d).close()  # same size: loads (sizes are checked on every load, digests on request)
+    code, _, stderr = cli("verify", str(d))
+    assert "model.onnx.data: content differs from the sha256 the manifest records" in assert_usage_error(code, stderr)
+    code, _, stderr = cli("generate", str(d), "--token-ids", "1,2", "--max-new-tokens", "2", "--verify")
+    assert "content differs" in assert_usage_error(code, stderr)
+    code, stdout, stderr = cli("verify", str(engine_dir))
+    assert code == 0 and "2 files" in stdout, stderr
+    # the same-shaped weights of another engine
+    from moetrt.engines.ort import build_ort_engine
+    from moetrt.export import export_checkpoint
+
+    other = make_checkpoint(tmp_path / "other", TINY, seed=9)
+    export = export_checkpoint(other, tmp_path / "other-export", max_seq_len=64, max_batch=2, progress=False)
+    other_engine = build_ort_engine(export, tmp_path / "other-engine", threads=1, progress=False)
+    d = engine_copy(engine_dir, tmp_path / "swapped")
+    (d / "model.onnx.data").write_bytes((other_engine / "model.onnx.data").read_bytes())
+    with pytest.raises(MoetrtError, match="model.onnx.data: content differs"):
+        verify_artifact(d)
+    # truncated or grown: refused on every load
+    for cut in (-1, 1):
+        d = engine_copy(engine_dir, tmp_path / f"size{cut}")
+        raw = (d / "model.onnx.data").read_bytes()
+        (d / "model.onnx.data").write_bytes(raw[:cut] if cut < 0 else raw + b"\0")
+        with pytest.raises(MoetrtError) as err:
+            load_backend(d)
+        assert "the manifest records" in one_line(err.value) and "re-create it" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "path, value, message",
+    [
+        (("max_seq_len",), "abc", "field 'max_seq_len': Input should be a valid integer, found 'abc'"),
+        (("dtype",), "float16", "field 'dtype' is 'float16', the engine's graph runs float32"),
+        (("config", "vocab_size"), 511, "field 'config.vocab_size' is 511, the engine's graph has 512 logits"),
+        (("config", "num_hidden_layers"), "2", "field 'config.num_hidden_layers': Input should be a valid integer"),
+        (("file_records", "model.onnx.data", "size"), -1, "field 'file_records.model.onnx.data.size'"),
+        (("max_batch",), 10**12, "field 'max_batch': Input should be less than or equal to 65536"),
+    ],
+)
+def test_tampered_manifest_values_are_named(engine, tmp_path, path, value, message):
+    from moetrt.runtime.engine import load_backend
+
+    _, engine_dir, _ = engine
+    d = engine_copy(engine_dir, tmp_path / "engine")
+    body = manifest_of(d)
+    target = body
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    (d / "moetrt.json").write_text(json.dumps(body))
+    with pytest.raises(MoetrtError) as err:
+        load_backend(d)
+    assert message in one_line(err.value)
+
+
+MANIFEST_FIELDS = ("max_seq_len", "max_batch", "dtype", "threads", "device", "backend", "io", "parent", "precision",
+                   "file_records", "config.vocab_size", "config.num_hidden_layers", "config.head_dim",
+                   "config.rope_theta", "config.eos_token_ids", "config.tie_word_embeddings",
+                   "config.rope_scaling")  # fmt: skip
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(field=st.sampled_from(MANIFEST_FIELDS), value=st.one_of(json_values, plausible))
+def test_manifests_are_checked_or_the_engine_computes_the_same(engine, tmp_path_factory, field, value):
+    import numpy as np
+
+    from moetrt.runtime.engine import load_backend
+
+    _, engine_dir, _ = engine
+    d = tmp_path_factory.mktemp("m") / "engine"
+    d.mkdir()
+    for file in engine_dir.iterdir():
+        (d / file.name).symlink_to(file) if file.name != "moetrt.json" else None
+    body = manifest_of(engine_dir)
+    target, *rest = field.split(".")
+    if rest:
+        body[target][rest[0]] = value
+    else:
+        body[target] = value
+    (d / "moetrt.json").write_text(json.dumps(body))
+    ids, pos = np.array([[1, 5, 9]]), np.array([[0, 1, 2]])
+    try:
+        backend = load_backend(d, max_batch=1)
+        got = backend.step(ids, pos)
+        backend.close()
+    except MoetrtError as err:
+        one_line(err)
+        event("refused in one line")
+        return
+    event("accepted, logits identical")
+    with load_backend(engine_dir, max_batch=1) as reference:
+        want = reference.step(ids, pos)
+    np.testing.assert_array_equal(got, want)
+
+
+# --- kind 8: interrupts and temporary names ---------------------------------------------------------------
+def test_temporary_names_fit_the_file_name_limit(tmp_path):
+    from moetrt.fsutil import atomic_dir
+
+    out = tmp_path / ("o" * 250)
+    with atomic_dir(out) as tmp:
+        assert len(tmp.name.encode()) <= 255 and tmp.parent == tmp_path
+        (tmp / "x").write_text("1")
+    with atomic_dir(out) as tmp:  # overwrite: the `.old-<pid>` name fits too
+        (tmp / "x").write_text("2")
+    assert (out / "x").read_text() == "2" and [p.name for p in tmp_path.iterdir()] == [out.name]
+    too_long = "the name is 256 bytes; file names are limited to 255 bytes"
+    with pytest.raises(MoetrtError, match=too_long), atomic_dir(tmp_path / ("o" * 256)):
+        pass
+    long = tmp_path / ("é" * 127)  # 254 bytes, multi-byte characters
+    with atomic_dir(long) as tmp:
+        (tmp / "x").write_text("3")
+    assert (long / "x").read_text() == "3"
+
+
+def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
+    import subprocess
+    import sys
+
+    from moetrt.fsutil import atomic_dir
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    out = tmp_path / "out"
+    stale = [tmp_path / f".out.tmp-{dead_pid}-abcd1234", tmp_path / f".out.old-{dead_pid}"]
+    live = tmp_path / f".out.tmp-{os.getpid()}-live0000"
+    other = tmp_path / f".outer.tmp-{dead_pid}-abcd1234"
+    for d in (*stale, live, other):
+        d.mkdir()
+    with atomic_dir(out) as tmp:
+        (tmp / "x").write_text("1")
+    assert not any(d.exists() for d in stale)
+    assert live.exists() and other.exists()  # a live writer's, another output's
+
+
+def wait_for(predicate, proc, timeout=600.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGKILL"])
+def test_interrupted_export_leaves_the_old_output_and_no_temporaries(single, engine, tmp_path, signal_name):
+    import shutil
+    import signal
+    import subprocess
+    import sys
+
+    checkpoint, _ = single
+    _, _, export = engine
+    out = tmp_path / "export"
+    shutil.copytree(export, out)
+    before = (out / "moetrt.json").read_bytes()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moetrt", "export", str(checkpoint), "-o", str(out), "--max-seq-len", "64"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        started = wait_for(lambda: any(p.name.startswith(".export.tmp-") for p in tmp_path.iterdir()), proc)
+        assert started, proc.communicate(timeout=60)
+        proc.send_signal(getattr(signal, signal_name))
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert (out / "moetrt.json").read_bytes() == before  # the earlier export is intact
+    if signal_name == "SIGINT":
+        assert proc.returncode == 130 and stderr.strip().splitlines()[-1] == "interrupted", stderr
+        assert "Traceback" not in stderr
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    else:
+        assert proc.returncode == -signal.SIGKILL
+        assert any(p.name.startswith(".export.tmp-") for p in tmp_path.iterdir())
+        from moetrt.fsutil import remove_stale_temporaries
+
+        assert remove_stale_temporaries(out)  # what the next write of this output does first
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]

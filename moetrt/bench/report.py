@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.table import Table
+from rich.text import Text
 
 from moetrt.bench.bandwidth import bound_tokens_per_s, engine_bytes_per_token
 
@@ -102,7 +103,7 @@ COLUMNS = (
 
 
 def table(rows: list[dict[str, Any]], title: str) -> Table:
-    out = Table(title=title)
+    out = Table(title=Text(title))  # the title names the checkpoint directory: printed literally
     for name, _ in COLUMNS:
         out.add_column(name, justify="left" if name == "backend" else "right", no_wrap=True)
     for row in rows:

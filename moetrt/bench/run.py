@@ -41,7 +41,7 @@ def resolve_checkpoint(checkpoint_dir: Path | None, preset: str | None, console:
         return checkpoint_dir
     with console.status(f"seeded checkpoint for preset {preset!r}"):
         path, reused = preset_checkpoint(preset)
-    console.print(f"checkpoint ({'reused' if reused else 'made'}): {path}")
+    console.print(f"checkpoint ({'reused' if reused else 'made'}): {path}", markup=False)
     return path
 
 
@@ -88,7 +88,8 @@ def run_bench(
     workdir = workdir or cache_root() / "bench" / checkpoint_dir.resolve().name
     paths, steps = prepare(checkpoint_dir, names, workdir, max_seq_len, batch, threads, reuse)
     for step in steps:
-        console.print(f"{step.step}: {'reused' if step.reused else f'{step.seconds:.1f} s'} -> {step.path}")
+        took = "reused" if step.reused else f"{step.seconds:.1f} s"
+        console.print(f"{step.step}: {took} -> {step.path}", markup=False)
 
     reference_dtype = eager_dtype(names, config.dtype)
     rows = []
@@ -118,11 +119,11 @@ def run_bench(
     console.print(report.table(rows, title), width=None if console.is_terminal else 170)
     if json_out is not None:
         report.write_json(rows, json_out)
-        console.print(f"JSON: {json_out}")
+        console.print(f"JSON: {json_out}", markup=False)
     if plot_out is not None and rows:
         from moetrt.bench.plot import plot
 
-        console.print(f"plot: {plot(rows, plot_out, title)}")
+        console.print(f"plot: {plot(rows, plot_out, title)}", markup=False)
     if errors:
         raise MoetrtError("; ".join(f"{name} failed: {err.splitlines()[0]}" for name, err in errors.items()))
     return rows
@@ -168,7 +169,7 @@ def measure_rounds(
                     run = run_isolated("moetrt.bench.measure:measure", kwargs, threads)
                 except RuntimeError as err:
                     errors[name] = str(err)
-                    console.print(f"[red]{name}: failed[/red]\n{err}")
+                    console.print(f"{name}: failed\n{err}", style="red", markup=False)
                     continue
             runs[name].append(run)
             console.print(

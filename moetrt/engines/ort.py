@@ -24,8 +24,10 @@ import onnx_ir as ir
 
 from moetrt import names
 from moetrt.artifacts import (
+    FileDigest,
     carry_tokenizer,
     check_output_dir,
+    file_records,
     lineage,
     manifest_config,
     read_manifest,
@@ -41,6 +43,7 @@ from moetrt.errors import MoetrtError
 from moetrt.fsutil import atomic_dir
 from moetrt.names import DATA_FILE, MODEL_FILE
 from moetrt.progress import Progress, silent
+from moetrt.schema import MAX_THREADS
 
 
 def build_ort_engine(
@@ -65,6 +68,8 @@ def build_ort_engine(
     device = device or "cpu"
     if precision not in PRECISIONS:
         raise MoetrtError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if threads is not None and not (isinstance(threads, int) and 1 <= threads <= MAX_THREADS):
+        raise MoetrtError(f"threads: expected an integer in [1, {MAX_THREADS}], found {threads!r}")
     providers(device)  # refuse a device this onnxruntime cannot serve before doing any work
     check_output_dir(output_dir, export_dir, "export")
     export_manifest = read_manifest(export_dir, "export")
@@ -90,7 +95,8 @@ def build_ort_engine(
     fold_weight_transposes(model)
     quantized = [] if spec is None else quantize_linear_weights(model, spec, keep={router_matmul(p) for p in layers})
     with atomic_dir(output_dir) as tmp:
-        _save(model, tmp / MODEL_FILE, progress or silent)
+        data = FileDigest(tmp / DATA_FILE)
+        _save(model, tmp / MODEL_FILE, progress or silent, data)
         io = dict(export_manifest["io"])
         io["outputs"] = _engine_outputs(io, config)
         io["router_logits"] = {
@@ -120,6 +126,7 @@ def build_ort_engine(
             "max_batch": export_manifest["max_batch"],
             "io": io,
             **lineage(export_dir, export_manifest),
+            "file_records": file_records(tmp, {MODEL_FILE: None, DATA_FILE: data}),
         }
         write_manifest(tmp, "engine", body)
         carry_tokenizer(export_dir, tmp)
@@ -136,8 +143,9 @@ def _load_graph(path: Path) -> ir.Model:
         raise MoetrtError(f"{path}: not a readable ONNX model ({type(err).__name__}: {err})") from None
 
 
-def _save(model: ir.Model, path: Path, progress: Progress) -> None:
-    """Write the graph and stream its weights into model.onnx.data, one tensor at a time."""
+def _save(model: ir.Model, path: Path, progress: Progress, digest: FileDigest) -> None:
+    """Write the graph and stream its weights into model.onnx.data, one tensor at a time, hashing each
+    tensor's bytes into `digest` as they are written (the manifest's file record)."""
     total = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
     done = [0]
 
@@ -146,7 +154,10 @@ def _save(model: ir.Model, path: Path, progress: Progress) -> None:
         progress(f"writing {tensor.name}", done[0], total)
         done[0] += tensor.nbytes
 
-    ir.save(model, path, external_data=DATA_FILE, callback=on_tensor)
+    for value in model.graph.initializers.values():
+        if value.const_value is not None and value.const_value.nbytes > _INLINE_BYTES:
+            value.const_value = _Hashed(value.const_value, digest)
+    ir.save(model, path, external_data=DATA_FILE, size_threshold_bytes=_INLINE_BYTES, callback=on_tensor)
     progress("weights written", total, total)
 
 
@@ -162,6 +173,25 @@ def _engine_outputs(io: dict[str, Any], config) -> dict[str, Any]:
                     name, spec = present, io["inputs"][past]
         outputs[name] = spec
     return outputs
+
+
+_INLINE_BYTES = 256  # onnx_ir's default: smaller tensors stay inside model.onnx
+
+
+class _Hashed:
+    """A tensor whose bytes go through `digest` on their way to the external data file: onnx_ir's writer
+    seeks to the tensor's offset and calls `tofile`, so the digest sees every byte exactly as written."""
+
+    def __init__(self, tensor: ir.TensorProtocol, digest: FileDigest):
+        self._tensor, self._digest = tensor, digest
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tensor, name)
+
+    def tofile(self, file: Any) -> None:
+        data = self._tensor.tobytes()
+        self._digest.add(file.tell(), data)
+        file.write(data)
 
 
 def _tokens(io: dict[str, Any], layer: int) -> int | str:

@@ -40,7 +40,15 @@ import onnx
 from onnx import helper
 
 from moetrt import names
-from moetrt.artifacts import carry_tokenizer, check_output_dir, lineage, read_manifest, write_manifest
+from moetrt.artifacts import (
+    FileDigest,
+    carry_tokenizer,
+    check_output_dir,
+    file_records,
+    lineage,
+    read_manifest,
+    write_manifest,
+)
 from moetrt.errors import MoetrtError
 from moetrt.fsutil import atomic_dir
 from moetrt.names import ENGINE_FILE, MODEL_FILE
@@ -324,6 +332,8 @@ def build_trt_engine(
 
     with atomic_dir(output_dir) as tmp:
         (tmp / ENGINE_FILE).write_bytes(memoryview(serialized))
+        engine_digest = FileDigest(tmp / ENGINE_FILE)
+        engine_digest.add(0, memoryview(serialized))  # hashed from the bytes just written, not re-read
         body = {
             "backend": "trt",
             "tensorrt_version": trt.__version__,
@@ -339,6 +349,7 @@ def build_trt_engine(
             "ptx": _ptx_record() if plugins == "aot" else None,
             "profiles": shapes,
             "engine": ENGINE_FILE,
+            "file_records": file_records(tmp, {ENGINE_FILE: engine_digest}),
         }
         write_manifest(tmp, "engine", body)
         carry_tokenizer(export_dir, tmp)

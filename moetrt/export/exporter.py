@@ -19,7 +19,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from moetrt.artifacts import carry_tokenizer, check_output_dir, write_manifest
+from moetrt.artifacts import FileDigest, carry_tokenizer, check_output_dir, file_records, write_manifest
 from moetrt.errors import MoetrtError
 from moetrt.export.trace import trace
 from moetrt.export.weights import place_external, write_weights
@@ -30,6 +30,7 @@ from moetrt.names import DATA_FILE, MODEL_FILE
 from moetrt.plugins import contract
 from moetrt.progress import Progress, silent
 from moetrt.registry import builds_from
+from moetrt.schema import MAX_BATCH
 
 
 def export_checkpoint(
@@ -71,14 +72,16 @@ def export_checkpoint(
             model = trace(config, dtype, max_seq_len)
             slots = place_external(model.graph)
             ir.save(model, tmp / MODEL_FILE)
+            digests: dict[str, FileDigest | None] = {MODEL_FILE: None}
             if reader:
+                digests[DATA_FILE] = digest = FileDigest(tmp / DATA_FILE)
                 total, done = sum(length for _, length in slots.values()), [0]
 
                 def advance(name: str, nbytes: int) -> None:
                     done[0] += nbytes
                     report(f"weights: {name}", done[0], total)
 
-                write_weights(tmp / DATA_FILE, reader, slots, dtype, advance)
+                write_weights(tmp / DATA_FILE, reader, slots, dtype, advance, digest)
                 check_model(tmp / MODEL_FILE)
             else:
                 with _sparse_placeholder(tmp / DATA_FILE, max(offset + n for offset, n in slots.values())):
@@ -92,6 +95,7 @@ def export_checkpoint(
                 "parent": checkpoint_hash(checkpoint_dir),
                 "weights": weights,
                 "files": {"model": MODEL_FILE, "data": DATA_FILE if weights else None},
+                "file_records": file_records(tmp, digests),
             }
             write_manifest(tmp, "export", body)
             carry_tokenizer(checkpoint_dir, tmp)
@@ -105,8 +109,8 @@ def _check_options(config: MixtralConfig, max_seq_len: int, max_batch: int) -> N
         raise MoetrtError(
             f"max_seq_len: {max_seq_len} exceeds the model's max_position_embeddings ({config.max_position_embeddings})"
         )
-    if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
-        raise MoetrtError(f"max_batch: expected a positive integer, found {max_batch!r}")
+    if not isinstance(max_batch, int) or isinstance(max_batch, bool) or not 1 <= max_batch <= MAX_BATCH:
+        raise MoetrtError(f"max_batch: expected an integer in [1, {MAX_BATCH}], found {max_batch!r}")
 
 
 @contextmanager

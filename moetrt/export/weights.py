@@ -15,6 +15,7 @@ from pathlib import Path
 import onnx_ir as ir
 import torch
 
+from moetrt.artifacts import FileDigest
 from moetrt.model.checkpoint import CheckpointReader
 from moetrt.model.mixtral import TORCH_DTYPES
 from moetrt.names import DATA_FILE
@@ -43,8 +44,10 @@ def write_weights(
     slots: dict[str, tuple[int, int]],
     dtype: str,
     on_tensor: Callable[[str, int], None],
+    digest: FileDigest | None = None,
 ) -> None:
-    """Fill `path` with each tensor of `slots`, read from `reader` and cast to `dtype`, at its offset."""
+    """Fill `path` with each tensor of `slots`, read from `reader` and cast to `dtype`, at its offset;
+    `digest` hashes the bytes as they are written (the manifest's file record)."""
     torch_dtype = TORCH_DTYPES[dtype]
     with open(path, "wb") as fh:
         for name, (offset, length) in slots.items():
@@ -54,6 +57,8 @@ def write_weights(
                 raise AssertionError(f"{name}: {data.nbytes} bytes, slot holds {length}")
             fh.seek(offset)
             fh.write(data)
+            if digest is not None:
+                digest.add(offset, data)
             del tensor, data
             reader.close()  # unmaps the file: pages read so far would otherwise count as resident memory
             on_tensor(name, length)

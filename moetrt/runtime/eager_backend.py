@@ -15,10 +15,13 @@ import numpy as np
 import torch
 
 from moetrt.errors import MoetrtError
+from moetrt.memory import kv_cache_bytes, require_memory
 from moetrt.model.checkpoint import load_model
+from moetrt.model.config import DTYPE_BYTES, MixtralConfig
 from moetrt.model.mixtral import KVCache, Mixtral, route
 from moetrt.names import expert_ids, expert_weights, moe_input, moe_output, router_logits
 from moetrt.runtime.backend import ClosingContext, check_slots
+from moetrt.schema import MAX_BATCH, MAX_THREADS
 
 
 class EagerBackend(ClosingContext):
@@ -68,9 +71,20 @@ class EagerBackend(ClosingContext):
         """Load a Hugging Face checkpoint (dtype defaults to the config's, max_seq_len to its
         max_position_embeddings) and allocate the buffers; threads sets torch's intra-op threads."""
         if threads is not None:
-            if threads < 1:
-                raise MoetrtError(f"threads: expected a positive integer, found {threads}")
+            if not 1 <= threads <= MAX_THREADS:
+                raise MoetrtError(f"threads: expected an integer in [1, {MAX_THREADS}], found {threads}")
             torch.set_num_threads(threads)
+        if not 1 <= max_batch <= MAX_BATCH:
+            raise MoetrtError(f"max_batch: expected an integer in [1, {MAX_BATCH}], found {max_batch}")
+        if max_seq_len is not None and max_seq_len < 1:
+            raise MoetrtError(f"max_seq_len: expected a positive integer, found {max_seq_len}")
+        config = MixtralConfig.from_pretrained(checkpoint_dir)
+        size = DTYPE_BYTES.get(dtype or config.dtype, 4)
+        seq = max_seq_len or config.max_position_embeddings
+        kv = kv_cache_bytes(config.num_hidden_layers, max_batch, config.num_key_value_heads, seq, config.head_dim, size)
+        if device == "cpu":
+            weights = config.param_counts()["total_params"] * size
+            require_memory(weights + kv, f"{checkpoint_dir}: weights and a KV cache of {max_batch} rows x {seq} tokens")
         model = load_model(checkpoint_dir, dtype=dtype, device=device)
         return cls(model, max_batch, max_seq_len or model.config.max_position_embeddings, extra_outputs)
 

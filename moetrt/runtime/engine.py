@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from moetrt.artifacts import Artifact, open_artifact
+from moetrt.artifacts import Artifact, open_artifact, verify_artifact
 from moetrt.errors import MoetrtError
 from moetrt.names import MANIFEST
 from moetrt.registry import backend_entry
@@ -28,6 +28,7 @@ def load_backend(
     max_seq_len: int | None = None,
     dtype: str | None = None,
     device: str | None = None,
+    verify: bool = False,
 ) -> Backend:
     """Load an engine directory with the backend its manifest names (`moetrt.registry`), or a checkpoint
     directory (config.json, no moetrt.json) as an `EagerBackend`: `open_backend(open_artifact(path), ...)`."""
@@ -42,13 +43,16 @@ def open_backend(
     max_seq_len: int | None = None,
     dtype: str | None = None,
     device: str | None = None,
+    verify: bool = False,
 ) -> Backend:
     """The backend for an artifact opened by `moetrt.artifacts.open_artifact` (an engine or a checkpoint).
 
     max_batch (cache slots), threads and extra_outputs go to the backend's `load` (see `Backend.load`). For a
     checkpoint, max_batch defaults to 1, max_seq_len to the config's max_position_embeddings, dtype to the
     config's and device to "cpu"; an engine fixed its max_seq_len, precision and device when it was built,
-    so passing any of those for an engine is refused rather than ignored. Raises MoetrtError (one line).
+    so passing any of those for an engine is refused rather than ignored. verify: check every engine file
+    against the sha256 its manifest records first (`moetrt.artifacts.verify_artifact`; sizes are checked
+    always). Raises MoetrtError (one line).
     """
     path = artifact.path
     if artifact.kind == "engine":
@@ -56,6 +60,8 @@ def open_backend(
         given = [name for name, value in fixed.items() if value is not None]
         if given:
             raise MoetrtError(f"{path}: {', '.join(given)} apply to checkpoints; an engine fixes them when it is built")
+        if verify:
+            verify_artifact(path, "engine")
         entry = backend_entry(artifact.manifest.get("backend"), f"{path / MANIFEST}: field 'backend'")
         entry.require()
         return entry.load(path, max_batch=max_batch, threads=threads, extra_outputs=extra_outputs)

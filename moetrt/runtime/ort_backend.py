@@ -33,10 +33,12 @@ import numpy as np
 from moetrt import names as io_names
 from moetrt.artifacts import MANIFEST, manifest_config, read_manifest
 from moetrt.errors import MoetrtError
+from moetrt.memory import kv_cache_bytes, require_memory
 from moetrt.model.config import MixtralConfig
 from moetrt.names import DATA_FILE, MODEL_FILE
 from moetrt.runtime.backend import ClosingContext, check_slots
 from moetrt.runtime.ort_session import add_graph_outputs, create_session
+from moetrt.schema import MAX_BATCH
 
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
 PAD_TOKEN_ID = 0  # fed to idle rows of a slot range; any in-vocabulary id works (their outputs are dropped)
@@ -98,8 +100,12 @@ class OrtBackend(ClosingContext):
         config = manifest_config(manifest)
         max_seq_len = int(manifest["max_seq_len"])
         batch = max_batch or int(manifest["max_batch"])
-        if batch < 1:
-            raise MoetrtError(f"max_batch: expected a positive integer, found {batch}")
+        if not 1 <= batch <= MAX_BATCH:
+            raise MoetrtError(f"max_batch: expected an integer in [1, {MAX_BATCH}], found {batch}")
+        itemsize = np.dtype(_NUMPY_DTYPES[manifest["dtype"]]).itemsize
+        kv = kv_cache_bytes(config.num_hidden_layers, batch, config.num_key_value_heads, max_seq_len,
+                            config.head_dim, itemsize)  # fmt: skip
+        require_memory(kv, f"{engine_dir}: KV cache of {batch} rows x {max_seq_len} tokens")
         graph = None
         if extra_outputs:
             try:
@@ -110,7 +116,7 @@ class OrtBackend(ClosingContext):
                 raise MoetrtError(f"{engine_dir / MODEL_FILE}: not a readable ONNX model ({err})") from None
         threads = threads if threads is not None else manifest.get("threads")
         session = create_session(engine_dir, threads, manifest.get("device", "cpu"), model=graph)
-        _check_graph(session, engine_dir, config, max_seq_len)
+        _check_graph(session, engine_dir, config, max_seq_len, manifest["dtype"])
         return cls(session, config, batch, max_seq_len, manifest["dtype"], extra_outputs)
 
     def step(self, input_ids: np.ndarray, position_ids: np.ndarray, slots: Sequence[int] | None = None) -> np.ndarray:
@@ -262,21 +268,32 @@ def read_engine_manifest(engine_dir: Path) -> dict[str, Any]:
     return manifest
 
 
-def _check_graph(session: Any, engine_dir: Path, config: MixtralConfig, max_seq_len: int) -> None:
-    """Refuse an engine whose graph does not match its manifest's model (e.g. files copied between engines),
-    or whose caches are not updated in place (an engine built before the GroupQueryAttention lowering)."""
+def _check_graph(session: Any, engine_dir: Path, config: MixtralConfig, max_seq_len: int, dtype: str) -> None:
+    """Refuse an engine whose graph does not match its manifest (files copied between engines, an edited
+    manifest: inputs, cache shape, cache dtype, vocabulary, each named in one line), or whose caches are not
+    updated in place (an engine built before the GroupQueryAttention lowering)."""
     outputs = {o.name for o in session.get_outputs()}
     if io_names.present_key(0) not in outputs:
         raise MoetrtError(
             f"{engine_dir / MODEL_FILE}: no {io_names.present_key(0)!r} output; the engine was built by an older "
             "moetrt (attention not lowered to GroupQueryAttention): rebuild it"
         )
-    inputs = {i.name: i.shape for i in session.get_inputs()}
+    inputs = {i.name: i for i in session.get_inputs()}
     expected = [io_names.INPUT_IDS, io_names.POSITION_IDS]
     expected += [name(i) for i in range(config.num_hidden_layers) for name in (io_names.past_key, io_names.past_value)]
     kv = [config.num_key_value_heads, max_seq_len, config.head_dim]
-    if sorted(inputs) != sorted(expected) or inputs[io_names.past_key(0)][1:] != kv:
+    manifest = engine_dir / MANIFEST
+    if sorted(inputs) != sorted(expected) or inputs[io_names.past_key(0)].shape[1:] != kv:
         raise MoetrtError(
             f"{engine_dir / MODEL_FILE}: graph inputs do not match the manifest's model "
             f"({config.num_hidden_layers} layers, caches [batch, {', '.join(map(str, kv))}]): rebuild the engine"
+        )
+    graph_dtype = {"tensor(float)": "float32", "tensor(float16)": "float16"}.get(inputs[io_names.past_key(0)].type)
+    if graph_dtype != dtype:
+        raise MoetrtError(f"{manifest}: field 'dtype' is {dtype!r}, the engine's graph runs {graph_dtype}")
+    logits = next((o for o in session.get_outputs() if o.name == io_names.LOGITS), None)
+    vocab = logits.shape[-1] if logits is not None and logits.shape else None
+    if vocab != config.vocab_size:
+        raise MoetrtError(
+            f"{manifest}: field 'config.vocab_size' is {config.vocab_size}, the engine's graph has {vocab} logits"
         )

@@ -24,6 +24,7 @@ import onnx
 from moetrt.devices import providers
 from moetrt.errors import MoetrtError
 from moetrt.names import MODEL_FILE, ROUTE_FUNCTION, expert_ids, expert_weights, layer_of, router_logits
+from moetrt.schema import MAX_THREADS
 
 
 def session_options(threads: int | None):
@@ -34,8 +35,8 @@ def session_options(threads: int | None):
     so = ort.SessionOptions()
     so.log_severity_level = 3  # errors only: ORT warns about every CastLike it cannot constant-fold
     if threads is not None:
-        if threads < 1:
-            raise MoetrtError(f"threads: expected a positive integer, found {threads}")
+        if not 1 <= threads <= MAX_THREADS:
+            raise MoetrtError(f"threads: expected an integer in [1, {MAX_THREADS}], found {threads}")
         so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

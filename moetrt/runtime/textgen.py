@@ -11,6 +11,7 @@ through `on_text` as it is produced. Nothing here prints.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,15 +27,17 @@ from moetrt.runtime.text_model import TextModel, load_tokenizer
 
 DEFAULT_MAX_NEW_TOKENS = 64
 
+_TOKEN_IDS = re.compile(r"\s*[0-9]+(\s*,\s*[0-9]+)*\s*,?\s*")
+
 
 def parse_token_ids(rows: list[str]) -> list[list[int]]:
-    """'1,2,3' per row -> [[1, 2, 3]]; a malformed id is a one-line error naming it."""
+    """'1,2,3' (spaces around commas allowed) per row -> [[1, 2, 3]]; anything else ('5 6', '5_0', '-1', digits
+    of other scripts) is a one-line error: ids are never glued together or read in another notation."""
     parsed = []
     for row in rows:
-        try:
-            parsed.append([int(tok) for tok in row.replace(" ", "").split(",") if tok])
-        except ValueError:
-            raise MoetrtError(f"--token-ids {row!r}: expected comma-separated integers such as 1,2,3") from None
+        if not _TOKEN_IDS.fullmatch(row) or len(row) > 10_000_000:
+            raise MoetrtError(f"--token-ids {row[:80]!r}: expected comma-separated integers such as 1,2,3")
+        parsed.append([int(tok) for tok in row.split(",") if tok.strip()])
     return parsed
 
 
@@ -83,6 +86,7 @@ def run_generate(
     stop: Sequence[str] = (),
     on_prompt: Callable[[str], None] | None = None,
     on_text: Callable[[str], None] | None = None,
+    verify: bool = False,
 ) -> dict[str, Any]:
     """Generate for each prompt (or the chat of `chat_messages(chat, system, messages_file)`, or token-id rows)
     and return one JSON-ready result.
@@ -90,7 +94,8 @@ def run_generate(
     Sampling parameters left None come from the checkpoint's generation_config.json (greedy unless it says
     do_sample). With one text row, `on_prompt` gets its prompt text (a chat as its template rendered it) before
     generation starts and `on_text` its new text piece by piece as it is produced (never a split character,
-    never any part of a stop string). Raises MoetrtError (one line)."""
+    never any part of a stop string). verify: check the engine's file digests first. Raises MoetrtError
+    (one line)."""
     messages = chat_messages(chat, system, messages_file)
     given = [name for name, value in (("--prompt", prompts), ("--token-ids", token_ids), ("a chat", messages)) if value]
     if len(given) != 1:
@@ -115,7 +120,7 @@ def run_generate(
     options: dict[str, Any] = {}
     if artifact.kind == "checkpoint":  # size the eager KV cache for this request, not max_position_embeddings
         options = {"max_batch": len(rows), "max_seq_len": max(map(len, rows)) + max_new_tokens}
-    with TextModel(artifact, open_backend(artifact, **options), tokenizer, generation) as model:
+    with TextModel(artifact, open_backend(artifact, verify=verify, **options), tokenizer, generation) as model:
         run = stream(model.backend, rows, max_new_tokens, sampling, stop_token_ids=model.stop_token_ids, seed=seed)
         detokenizers = [model.detokenizer(row) for row in rows] if tokenizer else []
         pieces: list[list[str]] = [[] for _ in rows]

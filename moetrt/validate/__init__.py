@@ -15,6 +15,7 @@ from pathlib import Path
 
 from moetrt.artifacts import read_manifest
 from moetrt.errors import MoetrtError
+from moetrt.fsutil import check_writable_file
 from moetrt.model.checkpoint import checkpoint_hash, load_model
 from moetrt.model.config import MixtralConfig
 from moetrt.names import MANIFEST
@@ -47,6 +48,8 @@ def validate(
     report to `json_out` when given.
     """
     checkpoint_dir, engine_dir = Path(checkpoint_dir), Path(engine_dir)
+    if json_out is not None:
+        check_writable_file(Path(json_out))  # before the run, not after it
     engine = open_engine(engine_dir, checkpoint_dir)
     report = validate_engine(checkpoint_dir, engine, prompts_file, num_random, steps, batch, seed)
     if json_out is not None:

@@ -56,7 +56,11 @@ def load_prompts(
         if not path.is_file():
             raise MoetrtError(f"{path}: prompts file not found; expected one prompt per line")
         tokenizer = Tokenizer.from_dir(checkpoint_dir)
-        for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise MoetrtError(f"{path}: not UTF-8 text (byte {err.start}); expected one prompt per line") from None
+        for number, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 prompts.append(Prompt(f"file line {number}", tokenizer.encode(line)))
         if not prompts:

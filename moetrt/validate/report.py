@@ -14,6 +14,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from moetrt.validate.checks import CheckResult
 
@@ -81,7 +82,7 @@ def _tolerance(tolerance: dict[str, float]) -> str:
 
 def render(report: ValidationReport, console: Console) -> None:
     """The checks as a table, a per-layer table when a layer failed, and the verdict line."""
-    table = Table(title=f"moetrt validate: {report.engine} ({report.precision}) vs eager {report.checkpoint}")
+    table = Table(title=Text(f"moetrt validate: {report.engine} ({report.precision}) vs eager {report.checkpoint}"))
     for column in ("check", "result", "figures", "tolerance", "layer"):
         table.add_column(column, overflow="fold")
     for c in report.checks:
@@ -91,7 +92,7 @@ def render(report: ValidationReport, console: Console) -> None:
     layers = next(c for c in report.checks if c.name == "layers")
     if not report.passed:
         console.print(_layer_table(report, len(layers.figures)))
-    console.print(f"[bold {'green' if report.passed else 'red'}]{report.verdict()}[/]")
+    console.print(Text(report.verdict(), style=f"bold {'green' if report.passed else 'red'}"))
 
 
 def _layer_table(report: ValidationReport, num_layers: int) -> Table:
