@@ -375,13 +375,14 @@ def serve(
     api_key: Annotated[str | None, typer.Option(help="require 'Authorization: Bearer KEY' on /v1")] = None,
     served_model_name: Annotated[str | None, typer.Option(help="model id in the API (default: the dir name)")] = None,
     threads: Annotated[int | None, typer.Option(help="engine CPU threads (default: the engine's)")] = None,
+    expert_metrics: Annotated[bool, typer.Option(help="per-layer expert load on /metrics")] = False,
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/completions, /v1/chat/completions, streaming) with continuous batching."""
     from moetrt.serve.server import serve as run_server
 
     run_server(
         engine_dir, host=host, port=port, slots=slots, max_queue=max_queue, api_key=api_key,
-        served_model_name=served_model_name, threads=threads,
+        served_model_name=served_model_name, threads=threads, expert_metrics=expert_metrics,
         progress=lambda message: console.print(message, markup=False, highlight=False),
     )  # fmt: skip
 

@@ -107,6 +107,7 @@ def server(checkpoint, tmp_path_factory):
     command = [
         sys.executable, "-m", "moetrt", "serve", str(checkpoint), "--port", str(port), "--slots", str(SLOTS),
         "--max-queue", str(MAX_QUEUE), "--api-key", API_KEY, "--served-model-name", MODEL, "--threads", "1",
+        "--expert-metrics",
     ]  # fmt: skip
     with open(log, "w") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
@@ -153,6 +154,21 @@ def test_health_models_auth_and_metrics(server):
         server.client(api_key="wrong").models.list()
     assert err.value.status_code == 401 and err.value.body["code"] == "invalid_api_key"
     assert server.metrics()["moetrt_slots"] == SLOTS
+
+
+def test_expert_load_metrics_count_every_token_a_step_runs(server):
+    """--expert-metrics: each step's routing is counted once per token and selected expert (top-2 here)."""
+
+    def routed(metrics: dict[str, float], layer: int) -> float:
+        name = "moetrt_expert_tokens_total"
+        return sum(v for k, v in metrics.items() if k.startswith(name) and f'layer="{layer}"' in k)
+
+    before = server.wait_metric("moetrt_slots_busy", 0)
+    usage = completion(server.client(), prompt="Sphinx", max_tokens=5, extra_body={"ignore_eos": True})[2]
+    after = server.metrics()
+    tokens = usage.prompt_tokens + usage.completion_tokens - 1  # the last token is sampled, never run
+    assert [routed(after, i) - routed(before, i) for i in range(2)] == [2 * tokens, 2 * tokens]
+    assert 0 < after['moetrt_expert_balancedness{layer="0"}'] <= 1
 
 
 def test_greedy_completion_equals_moetrt_generate(server, checkpoint):

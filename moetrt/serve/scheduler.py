@@ -32,7 +32,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -98,8 +98,17 @@ class Scheduler:
     """The `TokenEngine` over one backend: `slots` = its max_batch, a wait queue of at most `max_queue`
     requests beyond the free slots. Start it in the process that owns the backend; `close` stops it."""
 
-    def __init__(self, backend: Backend, max_queue: int = 64, metrics: Metrics | None = None):
+    def __init__(
+        self,
+        backend: Backend,
+        max_queue: int = 64,
+        metrics: Metrics | None = None,
+        on_step: Callable[[Mapping[str, np.ndarray]], None] | None = None,
+    ):
+        """on_step: called on the engine thread with the backend's `extras` after each step (e.g.
+        `moetrt.routes.live.ExpertLoad.observe`); every row of a step the scheduler runs is a real token."""
         self.backend = backend
+        self.on_step = on_step
         self.slots = backend.max_batch
         self.max_seq_len = backend.max_seq_len
         self.vocab_size = backend.config.vocab_size
@@ -202,6 +211,8 @@ class Scheduler:
                     self._finish(req, "error")
             return None
         self.metrics.step.labels(kind).observe(time.perf_counter() - t0)
+        if self.on_step is not None:
+            self.on_step(self.backend.extras)
         return logits
 
     def _deliver(self, reqs: Sequence[Request], tokens: Sequence[int]) -> None:

@@ -20,7 +20,9 @@ from types import FrameType
 
 import uvicorn
 
+from moetrt.artifacts import open_artifact
 from moetrt.errors import MoetrtError
+from moetrt.routes.live import ExpertLoad
 from moetrt.runtime.text_model import TextModel
 from moetrt.serve.app import Served, create_app, set_served
 from moetrt.serve.metrics import Metrics
@@ -39,12 +41,14 @@ def serve(
     served_model_name: str | None = None,
     threads: int | None = None,
     drain_timeout: float = 30.0,
+    expert_metrics: bool = False,
     progress: Callable[[str], None] = lambda message: None,
 ) -> None:
     """Serve `engine_dir` (an engine directory, or a checkpoint run eagerly) until SIGINT/SIGTERM.
 
     slots: KV slots = concurrent requests (default: the engine's max_batch; 1 for a checkpoint); max_queue:
-    requests waiting beyond the slots before 429s; threads: the engine's CPU threads. `progress` receives
+    requests waiting beyond the slots before 429s; threads: the engine's CPU threads; expert_metrics: count
+    each layer's expert load on /metrics (`moetrt.routes.live`; the engine returns its routing). `progress` receives
     one-line status messages (where it listens, when it is ready, when it drains). Raises MoetrtError when
     the address cannot be bound or the engine cannot be opened."""
     if max_queue < 0:
@@ -78,8 +82,15 @@ def serve(
             server.should_exit = True
             raise MoetrtError(f"cannot listen on {host}:{port} (address in use or not available)")
         progress(f"listening on http://{host}:{port} (loading {engine_dir}; /health answers 503 until ready)")
-        model = TextModel.open(engine_dir, max_batch=slots, threads=threads)
-        scheduler = Scheduler(model.backend, max_queue=max_queue, metrics=metrics)
+        artifact = open_artifact(engine_dir)
+        expert_load = None
+        if expert_metrics:
+            config = artifact.config
+            expert_load = ExpertLoad(config.num_hidden_layers, config.num_local_experts, registry=metrics.registry)
+        outputs = expert_load.outputs if expert_load else ()
+        model = TextModel.open(artifact, max_batch=slots, threads=threads, extra_outputs=outputs)
+        on_step = expert_load.observe if expert_load else None
+        scheduler = Scheduler(model.backend, max_queue=max_queue, metrics=metrics, on_step=on_step)
         name = served_model_name or model.name
         set_served(app, Served(name, model, scheduler))
         progress(f"ready: model {name!r}, {scheduler.slots} slots, max_seq_len {scheduler.max_seq_len}")
