@@ -44,26 +44,34 @@ async def collect(stream) -> tuple[list[int], str]:
 
 
 @pytest.fixture(scope="module")
-def solo_backend(tiny_checkpoint):
-    with load_backend(tiny_checkpoint, max_batch=1) as backend:
-        yield backend
+def ort_engine(tiny_checkpoint, tmp_path_factory):
+    """A tiny ORT fp32 engine with 4 slots (its attention is GroupQueryAttention over the live positions)."""
+    from moetrt.engines.ort import build_ort_engine
+    from moetrt.export import export_checkpoint
+
+    root = tmp_path_factory.mktemp("serve-ort")
+    export = export_checkpoint(tiny_checkpoint, root / "export", max_seq_len=96, max_batch=4)
+    return build_ort_engine(export, root / "engine", "fp32", threads=1)
 
 
-def test_concurrent_requests_get_their_solo_tokens(tiny_checkpoint, solo_backend):
+@pytest.mark.parametrize("engine", ["eager", "ort-fp32"])
+def test_concurrent_requests_get_their_solo_tokens(request, tiny_checkpoint, tiny_config, engine):
     """16 requests of different prompt and output lengths, greedy and seeded sampling, over 4 slots: each gets
     exactly the tokens `generate` gives it alone; prefills run one slot each, decodes batch several."""
+    path = tiny_checkpoint if engine == "eager" else request.getfixturevalue("ort_engine")
     rng = np.random.default_rng(7)
-    vocab = solo_backend.config.vocab_size
+    vocab = tiny_config.vocab_size
     specs = []
     for i in range(16):
-        prompt = rng.integers(3, vocab, size=int(rng.integers(1, 40))).tolist()
+        prompt = rng.integers(3, vocab, size=int(rng.integers(1, 40))).tolist()  # + max_tokens < 96
         sampling = SamplingParams() if i % 3 else SamplingParams(temperature=0.8, top_k=40, top_p=0.9)
         specs.append(GenerationRequest(prompt, int(rng.integers(1, 40)), sampling, seed=i))
-    solo = [
-        generate(solo_backend, [s.prompt_ids], s.max_tokens, s.sampling, stop_token_ids=(), seed=s.seed).tokens[0]
-        for s in specs
-    ]
-    backend = RecordingBackend(load_backend(tiny_checkpoint, max_batch=4))
+    with load_backend(path, max_batch=1) as solo_backend:
+        solo = [
+            generate(solo_backend, [s.prompt_ids], s.max_tokens, s.sampling, stop_token_ids=(), seed=s.seed).tokens[0]
+            for s in specs
+        ]
+    backend = RecordingBackend(load_backend(path, max_batch=4))
     scheduler = Scheduler(backend, max_queue=16)
 
     async def main():
