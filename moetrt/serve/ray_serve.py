@@ -50,7 +50,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from moetrt.artifacts import open_artifact
 from moetrt.errors import MoetrtError
 from moetrt.registry import backend_entry
+from moetrt.runtime.engine import load_backend
+from moetrt.runtime.text_model import TextModel
+from moetrt.serve.app import Served, create_app
 from moetrt.serve.engine import Delta, EngineUnavailable, GenerationRequest, QueueFull
+from moetrt.serve.metrics import Metrics
+from moetrt.serve.scheduler import Scheduler
 
 APP_NAME = "moetrt"
 ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT = "MoetrtEngine", "MoetrtIngress"
@@ -103,10 +108,6 @@ class EngineReplica:
     """One engine replica: the engine directory opened here, one `Scheduler` over its KV slots."""
 
     def __init__(self, engine_dir: str, slots: int | None, threads: int, max_queue: int):
-        from moetrt.runtime.engine import load_backend
-        from moetrt.serve.metrics import Metrics
-        from moetrt.serve.scheduler import Scheduler
-
         self.backend = WatchedBackend(load_backend(engine_dir, max_batch=slots, threads=threads))
         # The replica's own queue only absorbs the moments when Ray counts a cancelled request as gone before
         # the scheduler has retired it; the deployment's queue is the handle's (max_queued_requests).
@@ -264,10 +265,6 @@ class Ingress:
     `__serve_build_asgi_app__`)."""
 
     async def __init__(self, engine: Any, engine_dir: str, options: RayOptions):
-        from moetrt.runtime.text_model import TextModel
-        from moetrt.serve.app import Served, create_app
-        from moetrt.serve.metrics import Metrics
-
         limits = await engine.limits.remote()
         text = TextModel.open_text(engine_dir)
         metrics = Metrics()
@@ -298,7 +295,7 @@ def application(engine_dir: str | Path, options: RayOptions) -> Any:
         raise MoetrtError(f"--slots: expected >= 1, found {slots}")
     if options.max_queue < 0:
         raise MoetrtError(f"--max-queue: expected >= 0, found {options.max_queue}")
-    threads = options.threads or manifest.get("threads") or 1
+    threads = replica_threads(options, manifest)
     cuda = artifact.kind == "engine" and (
         manifest.get("device") == "cuda" or backend_entry(manifest.get("backend")).accelerator == "cuda"
     )
@@ -348,6 +345,23 @@ def deploy(engine_dir: str | Path, host: str, port: int, options: RayOptions) ->
     return f"http://{host}:{port}"
 
 
+def replica_threads(options: RayOptions, manifest: dict[str, Any]) -> int:
+    """CPU threads (and Ray CPUs) per replica: --threads, else the engine's build threads, else 1."""
+    return options.threads or manifest.get("threads") or 1
+
+
+def check_local_cpus(engine_dir: str | Path, options: RayOptions, cpus: float) -> None:
+    """On a cluster of this machine alone, refuse a layout whose replicas cannot all be placed (Serve would
+    wait for CPUs that never come)."""
+    threads = replica_threads(options, open_artifact(engine_dir).manifest or {})
+    replicas = options.autoscale[0] if options.autoscale else options.replicas
+    if replicas * threads > cpus:
+        raise MoetrtError(
+            f"{replicas} replicas x {threads} threads need {replicas * threads} CPUs; this machine's Ray cluster has "
+            f"{cpus:g} (use fewer --replicas or --threads, or join a larger cluster with --ray-address)"
+        )
+
+
 def deployment_error(report: str) -> str:
     """The one line that explains a failed deployment: the replica's MoetrtError (or last exception) line
     from the tracebacks Serve reports."""
@@ -384,6 +398,8 @@ def serve_on_ray(
     try:
         ray.init(address=ray_address or "local", include_dashboard=False, logging_level=logging.WARNING)
         started = ray_address is None
+        if started:
+            check_local_cpus(engine_dir, options, ray.cluster_resources().get("CPU", 0))
         progress(f"Ray cluster: {ray_address or 'started on this machine'}; deploying {engine_dir}")
         url = deploy(engine_dir, host, port, options)
         layout = f"autoscaling {options.autoscale[0]}-{options.autoscale[1]}" if options.autoscale else options.replicas
