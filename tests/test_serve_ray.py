@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import shutil
 import socket
 import threading
@@ -41,6 +40,7 @@ from moetrt.serve.metrics import Metrics  # noqa: E402
 from moetrt.serve.ray_serve import (  # noqa: E402
     APP_NAME,
     ENGINE_DEPLOYMENT,
+    METRICS_REFRESH_S,
     EngineReplica,
     RayOptions,
     ReplicaMetrics,
@@ -51,6 +51,7 @@ from moetrt.serve.scheduler import Scheduler  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 MODEL, SLOTS, REPLICAS = "tiny-moe", 2, 2
+GENERATED = "moetrt_generation_tokens_total"
 PROMPTS = [
     "The quick brown fox",
     "Mixture-of-Experts language models route every token",
@@ -89,19 +90,20 @@ def stream_text(base: str, prompt: str, max_tokens: int, started: threading.Even
     return "".join(parts)
 
 
-def replica_counts(base: str, metric: str = "moetrt_requests_finished_total") -> dict[str, float]:
-    """`metric` summed per engine replica, from the ingress's /metrics."""
+def per_replica(base: str, name: str, **labels: str) -> dict[str, float]:
+    """The samples `name{labels}` of the ingress's /metrics, summed per engine replica."""
     text = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
     counts: dict[str, float] = {}
-    for line in text.splitlines():
-        match = re.match(metric + r'\{.*replica="([^"]+)".*\} (\S+)$', line)
-        if match:
-            counts[match[1]] = counts.get(match[1], 0.0) + float(match[2])
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                replica = sample.labels["replica"]
+                counts[replica] = counts.get(replica, 0.0) + sample.value
     return counts
 
 
 def replica_ids(base: str) -> list[str]:
-    return sorted(replica_counts(base, "moetrt_slots"))
+    return sorted(per_replica(base, "moetrt_slots"))
 
 
 def wait_for(condition, timeout: float, what: str, period: float = 0.25):
@@ -168,10 +170,35 @@ def test_burst_is_spread_over_replicas_and_equals_the_single_server(ray_server, 
     with ThreadPoolExecutor(len(BURST)) as pool:
         answers = list(pool.map(lambda job: stream_text(ray_server, *job), BURST))
     assert answers == [expected[job] for job in BURST]
-    counts = wait_for(
-        lambda: (c := replica_counts(ray_server)) and sum(c.values()) >= len(BURST) and c, 20, "replica metrics"
-    )
+
+    def finished() -> dict[str, float]:
+        counts = per_replica(ray_server, "moetrt_requests_finished_total")
+        return counts if sum(counts.values()) >= len(BURST) else {}
+
+    counts = wait_for(finished, 20, "every request counted by the replicas' metrics")
     assert len(counts) == REPLICAS and all(n > 0 for n in counts.values()), f"per-replica requests: {counts}"
+
+
+@pytest.mark.slow
+def test_a_client_that_disconnects_cancels_its_request_on_the_replica(ray_server):
+    def total(name: str, **labels: str) -> float:
+        return sum(per_replica(ray_server, name, **labels).values())
+
+    time.sleep(2 * METRICS_REFRESH_S)  # the counts below include everything before this test
+    cancelled, tokens = total("moetrt_requests_finished_total", finish_reason="cancelled"), total(GENERATED)
+    stream = client(ray_server).completions.create(
+        model=MODEL, prompt="The", max_tokens=500, temperature=0, stream=True, extra_body={"ignore_eos": True}
+    )
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()
+    wait_for(
+        lambda: total("moetrt_requests_finished_total", finish_reason="cancelled") == cancelled + 1,
+        30, "the request cancelled on its replica",
+    )  # fmt: skip
+    assert wait_for(lambda: total("moetrt_slots_busy") == 0, 10, "every slot free")
+    assert total(GENERATED) - tokens < 400, "the replica stopped long before max_tokens"
 
 
 @pytest.mark.slow

@@ -173,7 +173,6 @@ class HandleStream:
         return self._deltas()
 
     async def _deltas(self) -> AsyncIterator[Delta]:
-        gone = replica_gone()
         try:
             yield self._first
             while not self._done:
@@ -181,8 +180,9 @@ class HandleStream:
                     delta = await self._response.__anext__()
                 except StopAsyncIteration:
                     delta = Delta([], "error")  # the replica's generator never ends without a finish reason
-                except (*gone, EngineUnavailable) as err:
-                    log.warning("an engine replica failed mid-request: %s", str(plain(err)).splitlines()[0])
+                except Exception as err:  # the replica died, or its generator raised: the answer ends here
+                    reason = (str(plain(err)) or repr(err)).splitlines()[0]
+                    log.warning("an engine replica failed mid-request: %s", reason)
                     delta = Delta([], "error")
                 self._done = delta.finish_reason is not None
                 yield delta
@@ -290,7 +290,7 @@ def application(engine_dir: str | Path, options: RayOptions) -> Any:
     path = Path(engine_dir).resolve()
     artifact = open_artifact(path)
     manifest = artifact.manifest or {}
-    slots = options.slots or manifest.get("max_batch") or 1
+    slots = options.slots if options.slots is not None else manifest.get("max_batch") or 1
     if slots < 1:
         raise MoetrtError(f"--slots: expected >= 1, found {slots}")
     if options.max_queue < 0:
