@@ -17,6 +17,11 @@ rows); TTFT p95 at c=8 <= 3x the single-request prefill. Writes docs/serve_load.
 and prints a table. The load generator is stdlib `http.client` on threads, so that the client takes as
 little CPU from the server as it can; on a small machine the two still share the cores (say so when
 reading the numbers).
+
+`--ray [--replicas N]` runs the same load on `moetrt serve`, on `moetrt serve --ray --replicas 1` (same threads:
+the cost of the Ray Serve path) and on `--replicas N` (the threads split among the replicas: the same cores),
+one server after the other, and writes docs/serve_ray_load.json: output tok/s relative to `moetrt serve` at the
+same concurrency; goal: the Ray path costs <= 10% at concurrency 4.
 """
 
 from __future__ import annotations
@@ -70,11 +75,13 @@ def metrics(port: int) -> dict[str, float]:
     }
 
 
-def start_server(engine: str, slots: int, threads: int, queue: int, log: Path) -> tuple[subprocess.Popen, int]:
+def start_server(
+    engine: str, slots: int, threads: int, queue: int, log: Path, extra: tuple[str, ...] = ()
+) -> tuple[subprocess.Popen, int]:
     port = free_port()
     command = [
         sys.executable, "-m", "moetrt", "serve", engine, "--port", str(port), "--slots", str(slots),
-        "--threads", str(threads), "--max-queue", str(queue), "--served-model-name", MODEL,
+        "--threads", str(threads), "--max-queue", str(queue), "--served-model-name", MODEL, *extra,
     ]  # fmt: skip
     with open(log, "w") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
@@ -201,6 +208,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=None, help="exports and engines (default: in the cache)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "serve_load")
+    parser.add_argument("--ray", action="store_true", help="compare moetrt serve with moetrt serve --ray")
+    parser.add_argument("--replicas", type=int, default=2, help="--ray: engine replicas (threads split among them)")
     args = parser.parse_args(argv)
     import numpy as np
 
@@ -220,6 +229,9 @@ def main(argv: list[str] | None = None) -> None:
     prompts = [rng.integers(3, vocab, size=args.prompt_len).tolist() for _ in range(args.requests)]
     log = args.out.with_suffix(".server.log")
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.ray:
+        compare_ray(engine, prompts, levels, args)
+        return
     proc, port = start_server(engine, args.slots, args.threads, args.requests, log)
     rows, prefill_ms = [], float("nan")
     try:
@@ -265,6 +277,58 @@ def main(argv: list[str] | None = None) -> None:
     print(f"single-request prefill (server step metric): {prefill_ms:.1f} ms")
     for g in goals:
         print(f"{g['goal']}: {g['value']:.2f} ({'met' if g['met'] else 'NOT met'})")
+
+
+def compare_ray(engine: str, prompts: list[list[int]], levels: list[int], args: argparse.Namespace) -> None:
+    """--ray: the same load, one server after the other, on `moetrt serve`; on `moetrt serve --ray --replicas 1`
+    with the same threads (the cost of the Ray path: proxy -> ingress -> replica and back for every token);
+    and on `--replicas N` with the threads split among the replicas (the same cores, so on one machine the
+    replicas compete for them and for memory bandwidth). Output tok/s relative to `moetrt serve` at the same
+    concurrency; the goal: the Ray path costs <= 10% at concurrency 4. Writes docs/serve_ray_load.json."""
+    n = args.replicas
+    setups = [
+        ("moetrt serve", (), args.threads),
+        ("--ray --replicas 1", ("--ray", "--replicas", "1"), args.threads),
+        (f"--ray --replicas {n}", ("--ray", "--replicas", str(n)), max(1, args.threads // n)),
+    ]
+    results: dict[str, list[dict[str, Any]]] = {}
+    for name, extra, threads in setups:
+        log = args.out.with_name(f"serve_ray_load.{len(results)}.server.log")
+        proc, port = start_server(engine, args.slots, threads, args.requests, log, extra)
+        try:
+            one_request(port, prompts[0][:16], 8)  # warm-up
+            results[name] = []
+            for c in levels:
+                results[name].append({**run_load(port, prompts, args.new_tokens, c), "threads_per_replica": threads})
+                print(name, json.dumps(results[name][-1]), flush=True)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(180)
+    base = {r["concurrency"]: r for r in results["moetrt serve"]}
+    ratios = {
+        name: {r["concurrency"]: r["output_tokens_per_s"] / base[r["concurrency"]]["output_tokens_per_s"] for r in rows}
+        for name, rows in results.items()
+    }
+    ray1 = ratios["--ray --replicas 1"]
+    goal = {"goal": "--ray --replicas 1 output tok/s at c=4 >= 0.9x moetrt serve", "target": 0.9, "value": ray1.get(4)}
+    goal["met"] = goal["value"] is not None and goal["value"] >= 0.9
+    meta = {
+        "engine": engine, "slots": args.slots, "requests": args.requests, "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens, "threads": args.threads, "replicas": n,
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "load_average": os.getloadavg()},
+    }  # fmt: skip
+    out = args.out.with_name("serve_ray_load.json")
+    out.write_text(json.dumps({"meta": meta, "results": results, "ratios": ratios, "goals": [goal]}, indent=2))
+    names = list(results)
+    print("| concurrency | " + " | ".join(f"{name} tok/s" for name in names) + " | " + " | ".join(
+        f"{name} ITL p50 ms" for name in names) + " |")  # fmt: skip
+    print("|---:" * (1 + 2 * len(names)) + "|")
+    for i, c in enumerate(levels):
+        cells = [f"{results[m][i]['output_tokens_per_s']:.1f} ({ratios[m][c]:.2f}x)" for m in names]
+        cells += [f"{results[m][i]['itl_ms_p50']:.1f}" for m in names]
+        print(f"| {c} | " + " | ".join(cells) + " |")
+    value = "n/a" if goal["value"] is None else f"{goal['value']:.2f}"
+    print(f"{goal['goal']}: {value} ({'met' if goal['met'] else 'NOT met'}); written to {out}")
 
 
 if __name__ == "__main__":

@@ -486,15 +486,49 @@ def serve(
     served_model_name: Annotated[str | None, typer.Option(help="model id in the API (default: the dir name)")] = None,
     threads: Annotated[int | None, typer.Option(help="engine CPU threads (default: the engine's)")] = None,
     expert_metrics: Annotated[bool, typer.Option(help="per-layer expert load on /metrics")] = False,
+    ray: Annotated[bool, typer.Option("--ray", help="serve engine replicas on a Ray Serve cluster")] = False,
+    replicas: Annotated[int | None, typer.Option(help="--ray: engine replicas (default 1)")] = None,
+    autoscale: Annotated[str | None, typer.Option(help="--ray: MIN:MAX replicas, scaled by load")] = None,
+    ray_address: Annotated[
+        str | None, typer.Option(help="--ray: the cluster to join (`ray start --head` prints it; default: a new one)")
+    ] = None,
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/completions, /v1/chat/completions, streaming) with continuous batching."""
+
+    def report(message: str) -> None:
+        console.print(message, markup=False, highlight=False)
+
+    if ray:
+        if expert_metrics:
+            raise MoetrtError("--expert-metrics is not available with --ray")
+        from moetrt.serve.ray_serve import RayOptions, serve_on_ray
+
+        options = RayOptions(
+            replicas=1 if replicas is None else replicas, autoscale=parse_min_max(autoscale, replicas), slots=slots,
+            threads=threads, max_queue=max_queue, api_key=api_key, served_model_name=served_model_name,
+        )  # fmt: skip
+        serve_on_ray(engine_dir, host=host, port=port, options=options, ray_address=ray_address, progress=report)
+        return
+    if replicas is not None or autoscale is not None or ray_address is not None:
+        raise MoetrtError("--replicas, --autoscale and --ray-address need --ray")
     from moetrt.serve.server import serve as run_server
 
     run_server(
         engine_dir, host=host, port=port, slots=slots, max_queue=max_queue, api_key=api_key,
-        served_model_name=served_model_name, threads=threads, expert_metrics=expert_metrics,
-        progress=lambda message: console.print(message, markup=False, highlight=False),
+        served_model_name=served_model_name, threads=threads, expert_metrics=expert_metrics, progress=report,
     )  # fmt: skip
+
+
+def parse_min_max(autoscale: str | None, replicas: int | None) -> tuple[int, int] | None:
+    """--autoscale MIN:MAX as two integers (not together with --replicas)."""
+    if autoscale is None:
+        return None
+    if replicas is not None:
+        raise MoetrtError("--replicas and --autoscale exclude each other")
+    low, sep, high = autoscale.partition(":")
+    if not (sep and low.strip().isdigit() and high.strip().isdigit()):
+        raise MoetrtError(f"--autoscale: expected MIN:MAX (two integers), found {autoscale!r}")
+    return int(low), int(high)
 
 
 def main() -> None:

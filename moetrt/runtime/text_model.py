@@ -23,10 +23,11 @@ from moetrt.runtime.generation_config import GenerationDefaults
 
 class TextModel(ClosingContext):
     """config + backend + the artifact's tokenizer (None when it has none) + generation defaults. `open` reads
-    them all from a directory; the constructor takes parts a caller has already read (it then owns `backend`)."""
+    them all from a directory; the constructor takes parts a caller has already read (it then owns `backend`).
+    The backend is None for the text side alone (`open_text`): a server front end whose engine runs elsewhere."""
 
     def __init__(
-        self, artifact: Artifact, backend: Backend, tokenizer: Tokenizer | None, generation: GenerationDefaults
+        self, artifact: Artifact, backend: Backend | None, tokenizer: Tokenizer | None, generation: GenerationDefaults
     ):
         self.artifact = artifact
         self.config: MixtralConfig = artifact.config
@@ -50,12 +51,18 @@ class TextModel(ClosingContext):
         """Open an engine or checkpoint directory (or an `Artifact` already opened by `open_artifact`) once:
         its text files (from `tokenizer_dir` when given), then its backend (`moetrt.runtime.engine.open_backend`
         takes the remaining arguments). Raises MoetrtError (one line)."""
+        model = cls.open_text(path, tokenizer_dir)
+        model.backend = open_backend(model.artifact, max_batch, threads, extra_outputs, max_seq_len, dtype, device)
+        return model
+
+    @classmethod
+    def open_text(cls, path: str | Path | Artifact, tokenizer_dir: str | Path | None = None) -> TextModel:
+        """The text side of an engine or checkpoint directory, without opening its backend (see `open`)."""
         artifact = path if isinstance(path, Artifact) else open_artifact(path)
         text_dir = Path(tokenizer_dir) if tokenizer_dir is not None else artifact.path
         tokenizer = load_tokenizer(text_dir, required=tokenizer_dir is not None)
         generation = GenerationDefaults.from_dir(text_dir, artifact.config)
-        backend = open_backend(artifact, max_batch, threads, extra_outputs, max_seq_len, dtype, device)
-        return cls(artifact, backend, tokenizer, generation)
+        return cls(artifact, None, tokenizer, generation)
 
     @property
     def chat_template(self) -> str | None:
@@ -88,7 +95,8 @@ class TextModel(ClosingContext):
         return self._tokenizer().detokenizer(prompt_ids)
 
     def close(self) -> None:
-        self.backend.close()
+        if self.backend is not None:
+            self.backend.close()
 
     def _tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:

@@ -146,6 +146,11 @@ class Scheduler:
                 req.cancelled = True
                 self._cond.notify()
 
+    @property
+    def running(self) -> bool:
+        """Whether the engine thread is alive (False after `close`, or if the thread died)."""
+        return self._thread.is_alive()
+
     def close(self, timeout: float = 30.0) -> None:
         """Cancel everything, let the step in flight end (waiting at most `timeout` s) and stop the thread."""
         with self._cond:
