@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 import typer.core
@@ -57,6 +57,9 @@ class _OneLineErrors(typer.core.TyperGroup):
             return result
         sys.exit(result if isinstance(result, int) else 0)
 
+
+if TYPE_CHECKING:
+    from moetrt.validate.report import ValidationReport
 
 app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 console = Console()
@@ -399,11 +402,10 @@ def validate(
     """Check an engine against the eager reference: logits, per-layer states, routing, greedy tokens, KV cache.
 
     Exits 0 when every check is within its precision's tolerance, 1 when one is not."""
-    from moetrt.validate import render
     from moetrt.validate import validate as run_validation
 
     report = run_validation(checkpoint_dir, engine_dir, prompts, num_random, steps, batch, json_out)
-    render(report, console)
+    print_validation(report, console)
     if not report.passed:
         raise typer.Exit(1)
 
@@ -529,6 +531,47 @@ def parse_min_max(autoscale: str | None, replicas: int | None) -> tuple[int, int
     if not (sep and low.strip().isdigit() and high.strip().isdigit()):
         raise MoetrtError(f"--autoscale: expected MIN:MAX (two integers), found {autoscale!r}")
     return int(low), int(high)
+
+
+def _tolerance(tolerance: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in tolerance.items())
+
+
+def print_validation(report: ValidationReport, console: Console) -> None:
+    """The checks as a table, a per-layer table when a layer failed, and the verdict line."""
+    table = Table(title=Text(f"moetrt validate: {report.engine} ({report.precision}) vs eager {report.checkpoint}"))
+    for column in ("check", "result", "figures", "tolerance", "layer"):
+        table.add_column(column, overflow="fold")
+    for c in report.checks:
+        result = "[green]PASS[/]" if c.passed else "[bold red]FAIL[/]"
+        table.add_row(c.name, result, Text(c.summary), _tolerance(c.tolerance), "" if c.layer is None else str(c.layer))
+    console.print(table)
+    layers = next(c for c in report.checks if c.name == "layers")
+    if not report.passed:
+        console.print(_layer_table(report, len(layers.figures)))
+    console.print(Text(report.verdict(), style=f"bold {'green' if report.passed else 'red'}"))
+
+
+def _layer_table(report: ValidationReport, num_layers: int) -> Table:
+    """Per layer, the relative errors of every layer-wise figure: where the divergence starts and grows."""
+    by_name = {c.name: c for c in report.checks}
+    layers, routing, kv = by_name["layers"], by_name["routing"], by_name["kv_cache"]
+    table = Table(title="per layer (relative errors; routing: clear flips / tokens)")
+    values = list(layers.figures["0"])
+    for column in ("layer", *values, "routing", "kv k", "kv v"):
+        table.add_column(column, justify="right")
+    for i in range(num_layers):
+        row = layers.figures[str(i)]
+        cells = [_rel(row[v]) for v in values]
+        r = routing.figures[str(i)]
+        kv_row = kv.figures[str(i)]
+        table.add_row(str(i), *cells, f"{r['clear_flips']}/{r['tokens']}", _rel(kv_row["k"]), _rel(kv_row["v"]))
+    return table
+
+
+def _rel(error: dict[str, Any]) -> str:
+    text = "n/a" if error["rel"] is None else f"{error['rel']:.2g}"
+    return text if error["passed"] else f"[red]{text}[/]"
 
 
 def main() -> None:

@@ -125,11 +125,12 @@ def _step(console: Console, steps: list[Step], name: str) -> Iterator[Step]:
 
 def _validate(checkpoint: Path, engine: Path, json_out: Path, console: Console) -> Any:
     """The validation report of the engine against the eager model (shown as a table)."""
-    from moetrt.validate import render, validate
+    from moetrt.cli import print_validation
+    from moetrt.validate import validate
 
     with console.status("comparing the engine with the eager model"):
         report = validate(checkpoint, engine, json_out=json_out)
-    render(report, console)
+    print_validation(report, console)
     return report
 
 

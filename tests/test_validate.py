@@ -28,13 +28,14 @@ import pytest
 from onnx import numpy_helper
 from rich.console import Console
 
+from moetrt.cli import print_validation
 from moetrt.engines.ort import build_ort_engine
 from moetrt.errors import MoetrtError
 from moetrt.export.exporter import export_checkpoint
 from moetrt.model.config import PRESETS
 from moetrt.model.testing import make_checkpoint
 from moetrt.runtime.eager_backend import EagerBackend
-from moetrt.validate import open_engine, render, validate, validate_engine
+from moetrt.validate import open_engine, validate, validate_engine
 
 CONFIG = dataclasses.replace(PRESETS["tiny"], num_hidden_layers=3)
 MAX_SEQ = 64
@@ -100,7 +101,7 @@ def test_passes_on_a_correct_fp32_engine(checkpoint, engine, tmp_path):
     assert data["checks"][1]["figures"]["2"]["moe_output"]["rel"] < 1e-4
 
     console = Console(record=True, width=200)
-    render(report, console)
+    print_validation(report, console)
     text = console.export_text()
     assert f"PASS: ort engine {engine} (fp32)" in text and "kv_cache" in text
 

@@ -1,7 +1,6 @@
 """`moetrt validate`: does an engine compute what the eager model computes, within its precision's tolerances?
 
     report = validate(checkpoint_dir, engine_dir, prompts_file=None, num_random=4, steps=16, batch=2)
-    render(report, console)        # rich tables + one-line verdict
     report.passed                  # the CLI exits 0 / 1 on it
 
 Pieces, Polygraphy-style: `inputs` (prompts, batches, feed dicts), `runners` (the eager runner and the
@@ -22,12 +21,12 @@ from moetrt.names import MANIFEST
 from moetrt.registry import backend_entry
 from moetrt.runtime.engine import load_backend
 from moetrt.validate.inputs import check_fits, load_prompts
-from moetrt.validate.report import ValidationReport, render
+from moetrt.validate.report import ValidationReport
 from moetrt.validate.runners import EngineUnderTest, open_backend_engine
 from moetrt.validate.suite import run_suite
 from moetrt.validate.tolerances import TOLERANCES
 
-__all__ = ["ValidationReport", "open_engine", "render", "validate", "validate_engine"]
+__all__ = ["ValidationReport", "open_engine", "validate", "validate_engine"]
 
 
 def validate(

@@ -1,4 +1,5 @@
-"""The validation report: a rich table for people, JSON with every figure for machines, a one-line verdict.
+"""The validation report: every figure for people (the CLI draws it as tables) and machines (JSON), and a
+one-line verdict.
 
 The JSON's top level is `passed` (bool), `verdict`, `first_failure` ({check, layer} or null), what was
 compared (`checkpoint`, `engine`, `precision`, `inputs`) and `checks`: one entry per check with its
@@ -11,10 +12,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
 from moetrt.validate.checks import CheckResult
 
@@ -74,44 +71,3 @@ class ValidationReport:
 def _json_number(value: Any) -> Any:
     """numpy scalars to Python numbers (json cannot serialise them)."""
     return value.item()
-
-
-def _tolerance(tolerance: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:g}" for k, v in tolerance.items())
-
-
-def render(report: ValidationReport, console: Console) -> None:
-    """The checks as a table, a per-layer table when a layer failed, and the verdict line."""
-    table = Table(title=Text(f"moetrt validate: {report.engine} ({report.precision}) vs eager {report.checkpoint}"))
-    for column in ("check", "result", "figures", "tolerance", "layer"):
-        table.add_column(column, overflow="fold")
-    for c in report.checks:
-        result = "[green]PASS[/]" if c.passed else "[bold red]FAIL[/]"
-        table.add_row(c.name, result, c.summary, _tolerance(c.tolerance), "" if c.layer is None else str(c.layer))
-    console.print(table)
-    layers = next(c for c in report.checks if c.name == "layers")
-    if not report.passed:
-        console.print(_layer_table(report, len(layers.figures)))
-    console.print(Text(report.verdict(), style=f"bold {'green' if report.passed else 'red'}"))
-
-
-def _layer_table(report: ValidationReport, num_layers: int) -> Table:
-    """Per layer, the relative errors of every layer-wise figure: where the divergence starts and grows."""
-    by_name = {c.name: c for c in report.checks}
-    layers, routing, kv = by_name["layers"], by_name["routing"], by_name["kv_cache"]
-    table = Table(title="per layer (relative errors; routing: clear flips / tokens)")
-    values = list(layers.figures["0"])
-    for column in ("layer", *values, "routing", "kv k", "kv v"):
-        table.add_column(column, justify="right")
-    for i in range(num_layers):
-        row = layers.figures[str(i)]
-        cells = [_rel(row[v]) for v in values]
-        r = routing.figures[str(i)]
-        kv_row = kv.figures[str(i)]
-        table.add_row(str(i), *cells, f"{r['clear_flips']}/{r['tokens']}", _rel(kv_row["k"]), _rel(kv_row["v"]))
-    return table
-
-
-def _rel(error: dict[str, Any]) -> str:
-    text = "n/a" if error["rel"] is None else f"{error['rel']:.2g}"
-    return text if error["passed"] else f"[red]{text}[/]"
