@@ -223,7 +223,9 @@ def main(argv: list[str] | None = None) -> None:
     plot(rows, args.out / "benchmark.png", title)
     from rich.console import Console
 
-    Console(width=170).print(report.table(rows, f"moetrt vs peers ({args.preset} preset)"))
+    from moetrt.cli import bench_table
+
+    Console(width=170).print(bench_table(rows, f"moetrt vs peers ({args.preset} preset)"))
     for g in met:
         print(f"{'met   ' if g['met'] else 'MISSED'} {g['goal']}: {g['value'] and round(g['value'], 3)}")
     print(f"wrote {args.out}/benchmark.{{json,md,png}} in {meta['wall_s'] / 60:.1f} min")

@@ -383,10 +383,24 @@ def bench(
     """Measure each backend in its own process (prefill, first token, decode tokens/s, peak memory) vs eager."""
     from moetrt.bench.run import run_bench
 
-    run_bench(
+    rows, title = run_bench(
         checkpoint_dir, preset, backends, prompt_len, new_tokens, batch, threads, rounds, workdir, reuse, as_json,
-        plot, console=console, max_seq_len=max_seq_len, contexts=contexts,
+        plot, say=lambda line: console.print(Text(line)), max_seq_len=max_seq_len, contexts=contexts,
     )  # fmt: skip
+    # Piped output (logs, CI) gets a fixed width: rich would otherwise squeeze the 12 columns into 80.
+    console.print(bench_table(rows, title), width=None if console.is_terminal else 170)
+
+
+def bench_table(rows: list[dict[str, Any]], title: str) -> Table:
+    """The benchmark rows (moetrt.bench.report.COLUMNS) as a table; the title is printed literally."""
+    from moetrt.bench.report import COLUMNS
+
+    out = Table(title=Text(title))
+    for name, _ in COLUMNS:
+        out.add_column(name, justify="left" if name == "backend" else "right", no_wrap=True)
+    for row in rows:
+        out.add_row(*(cell(row) for _, cell in COLUMNS))
+    return out
 
 
 @command

@@ -20,9 +20,6 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from rich.table import Table
-from rich.text import Text
-
 from moetrt.bench.bandwidth import bound_tokens_per_s, engine_bytes_per_token
 
 TIMINGS = ("prefill_ms", "ttft_ms", "decode_tokens_per_s", "decode_ms_per_step", "peak_rss_bytes", "load_s")
@@ -100,15 +97,6 @@ COLUMNS = (
     ("GPU MiB", lambda r: _fmt(r["gpu_mem_bytes"], ".0f", 2**-20)),
     ("tokens = ref", lambda r: _fmt(r["tokens_match_ref"], "d") + f"/{r['new_tokens']}"),
 )
-
-
-def table(rows: list[dict[str, Any]], title: str) -> Table:
-    out = Table(title=Text(title))  # the title names the checkpoint directory: printed literally
-    for name, _ in COLUMNS:
-        out.add_column(name, justify="left" if name == "backend" else "right", no_wrap=True)
-    for row in rows:
-        out.add_row(*(cell(row) for _, cell in COLUMNS))
-    return out
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import os
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-from rich.console import Console
 
 from moetrt.bench import report
 from moetrt.bench.isolate import run_isolated
@@ -24,6 +23,7 @@ from moetrt.errors import MoetrtError
 from moetrt.model.config import PRECISION_OF_DTYPE, MixtralConfig
 
 BANDWIDTH = "read bandwidth"  # the pseudo-backend of measure_rounds
+Say = Callable[[str], None]  # how the benchmark reports what it does, one line at a time (the CLI prints it)
 
 
 def default_threads() -> int:
@@ -33,15 +33,15 @@ def default_threads() -> int:
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
-def resolve_checkpoint(checkpoint_dir: Path | None, preset: str | None, console: Console) -> Path:
+def resolve_checkpoint(checkpoint_dir: Path | None, preset: str | None, say: Say) -> Path:
     """The checkpoint to benchmark: a directory, or the cached seeded checkpoint of a preset."""
     if (checkpoint_dir is None) == (preset is None):
         raise MoetrtError("bench: give exactly one of CHECKPOINT_DIR or --preset NAME")
     if checkpoint_dir is not None:
         return checkpoint_dir
-    with console.status(f"seeded checkpoint for preset {preset!r}"):
-        path, reused = preset_checkpoint(preset)
-    console.print(f"checkpoint ({'reused' if reused else 'made'}): {path}", markup=False)
+    say(f"seeded checkpoint for preset {preset!r}")
+    path, reused = preset_checkpoint(preset)
+    say(f"checkpoint ({'reused' if reused else 'made'}): {path}")
     return path
 
 
@@ -58,11 +58,12 @@ def run_bench(
     reuse: bool = False,
     json_out: Path | None = None,
     plot_out: Path | None = None,
-    console: Console | None = None,
+    say: Say | None = None,
     max_seq_len: int | None = None,
     contexts: str | None = None,
-) -> list[dict[str, Any]]:
-    """Benchmark `backends` on one checkpoint; print the table, write JSON / PNG when asked, return the rows.
+) -> tuple[list[dict[str, Any]], str]:
+    """Benchmark `backends` on one checkpoint; write JSON / PNG when asked; return the rows (one per backend
+    and context, `moetrt.bench.report`) and the table's title. `say` hears each step as one line of text.
 
     max_seq_len: the KV capacity engines are exported with (default: the config's max_position_embeddings,
         what `moetrt export` gives a user); the eager backend gets the same.
@@ -70,7 +71,7 @@ def run_bench(
         C - new_tokens tokens, so decode runs at contexts C - new_tokens .. C; replaces prompt_len.
     A backend that fails is reported and the others still run; the call then raises MoetrtError naming it
     (after writing what it has)."""
-    console = console or Console()
+    say = say or (lambda line: None)
     names = parse_backends(backends)
     limits = {"--prompt-len": (prompt_len, 1), "--new-tokens": (new_tokens, 2), "--batch": (batch, 1),
               "--rounds": (rounds, 1), "--threads": (1 if threads is None else threads, 1)}  # fmt: skip
@@ -78,7 +79,7 @@ def run_bench(
         if value < least:
             raise MoetrtError(f"{flag}: expected an integer >= {least}, found {value}")
     threads = threads or default_threads()
-    checkpoint_dir = resolve_checkpoint(checkpoint_dir, preset, console)
+    checkpoint_dir = resolve_checkpoint(checkpoint_dir, preset, say)
     config = MixtralConfig.from_pretrained(checkpoint_dir)
     max_seq_len = config.max_position_embeddings if max_seq_len is None else max_seq_len
     prompts = sweep_prompts(contexts, new_tokens) if contexts else [prompt_len]
@@ -89,7 +90,7 @@ def run_bench(
     paths, steps = prepare(checkpoint_dir, names, workdir, max_seq_len, batch, threads, reuse)
     for step in steps:
         took = "reused" if step.reused else f"{step.seconds:.1f} s"
-        console.print(f"{step.step}: {took} -> {step.path}", markup=False)
+        say(f"{step.step}: {took} -> {step.path}")
 
     reference_dtype = eager_dtype(names, config.dtype)
     rows = []
@@ -99,7 +100,7 @@ def run_bench(
         workload = {"prompt_len": prompt, "new_tokens": new_tokens, "batch": batch, "threads": threads,
                     "max_seq_len": max_seq_len}  # fmt: skip
         todo = {n: p for n, p in paths.items() if n not in errors}
-        runs, failed = measure_rounds(todo, workload, rounds, console, reference_dtype)
+        runs, failed = measure_rounds(todo, workload, rounds, say, reference_dtype)
         errors |= failed
         bandwidths += [run["gbs"] for run in runs.pop(BANDWIDTH)]
         for name in names:
@@ -115,18 +116,16 @@ def run_bench(
     shown = f"contexts {contexts} (prompt = context - new tokens)" if contexts else f"prompt {prompt_len}"
     title = (f"moetrt bench {checkpoint_dir.name}: {shown}, {new_tokens} new tokens, batch {batch}, max_seq_len "
              f"{max_seq_len}, {threads} threads, median of {rounds} round(s); ratios to {reference}")  # fmt: skip
-    # Piped output (logs, CI) gets a fixed width: rich would otherwise squeeze the 12 columns into 80.
-    console.print(report.table(rows, title), width=None if console.is_terminal else 170)
     if json_out is not None:
         report.write_json(rows, json_out)
-        console.print(f"JSON: {json_out}", markup=False)
+        say(f"JSON: {json_out}")
     if plot_out is not None and rows:
         from moetrt.bench.plot import plot
 
-        console.print(f"plot: {plot(rows, plot_out, title)}", markup=False)
+        say(f"plot: {plot(rows, plot_out, title)}")
     if errors:
         raise MoetrtError("; ".join(f"{name} failed: {err.splitlines()[0]}" for name, err in errors.items()))
-    return rows
+    return rows, title
 
 
 def sweep_prompts(contexts: str, new_tokens: int) -> list[int]:
@@ -142,7 +141,7 @@ def sweep_prompts(contexts: str, new_tokens: int) -> list[int]:
 
 
 def measure_rounds(
-    paths: dict[str, Path], workload: dict[str, int], rounds: int, console: Console, reference_dtype: str | None = None
+    paths: dict[str, Path], workload: dict[str, int], rounds: int, say: Say, reference_dtype: str | None = None
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, str]]:
     """Interleaved rounds of `moetrt.bench.measure.measure`, one process per measurement, each round also
     measuring the read bandwidth (under `BANDWIDTH`): on a shared machine it drifts like the speeds do.
@@ -153,27 +152,21 @@ def measure_rounds(
     runs: dict[str, list[dict[str, Any]]] = {BANDWIDTH: [], **{name: [] for name in paths}}
     errors: dict[str, str] = {}
     for rnd in range(1, rounds + 1):
-        with console.status(f"round {rnd}/{rounds}: read bandwidth"):
-            runs[BANDWIDTH].append(
-                run_isolated("moetrt.bench.bandwidth:read_bandwidth_gbs", {"threads": threads}, threads)
-            )
-        console.print(f"round {rnd}/{rounds} read bandwidth: {runs[BANDWIDTH][-1]['gbs']:.1f} GB/s ({threads} threads)")
+        runs[BANDWIDTH].append(run_isolated("moetrt.bench.bandwidth:read_bandwidth_gbs", {"threads": threads}, threads))
+        say(f"round {rnd}/{rounds} read bandwidth: {runs[BANDWIDTH][-1]['gbs']:.1f} GB/s ({threads} threads)")
         for name, path in paths.items():
             if name in errors:
                 continue
             kwargs = {"path": str(path.resolve()), "backend": name, **workload}  # the child runs elsewhere
             if name == "eager":
                 kwargs["dtype"] = reference_dtype
-            with console.status(f"round {rnd}/{rounds}: {name}"):
-                try:
-                    run = run_isolated("moetrt.bench.measure:measure", kwargs, threads)
-                except RuntimeError as err:
-                    errors[name] = str(err)
-                    console.print(f"{name}: failed\n{err}", style="red", markup=False)
-                    continue
+            try:
+                run = run_isolated("moetrt.bench.measure:measure", kwargs, threads)
+            except RuntimeError as err:
+                errors[name] = str(err)
+                say(f"{name}: failed\n{err}")
+                continue
             runs[name].append(run)
-            console.print(
-                f"round {rnd}/{rounds} {name}: prefill {run['prefill_ms']:.1f} ms, "
-                f"decode {run['decode_tokens_per_s']:.1f} tok/s"
-            )
+            speed = f"prefill {run['prefill_ms']:.1f} ms, decode {run['decode_tokens_per_s']:.1f} tok/s"
+            say(f"round {rnd}/{rounds} {name}: {speed}")
     return runs, errors
