@@ -4,7 +4,7 @@
                                         [--backends ort-fp32,ort-int8,ort-int4] [--out docs/capacity.json]
 
 Per capacity one export and the requested engines (moetrt.bench.prepare), then interleaved rounds over every
-(engine, capacity), each measurement in its own process (moetrt.bench.measure), prompt 128 and
+(engine, capacity) in alternating order, each measurement in its own process (moetrt.bench.measure), prompt 128 and
 128 new tokens by default. Prints decode tok/s per engine and capacity and the ratio of each larger capacity
 to the smallest, the same run's medians: with attention over each row's live length (GroupQueryAttention)
 the ratio should be ~1; with attention over the whole static cache it falls as the capacity grows.
@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     runs: dict[str, list[dict]] = {f"{name} @{c}": [] for name, c in paths}
     errors = {}
     for rnd in range(1, args.rounds + 1):
-        for (name, capacity), path in paths.items():
+        order = list(paths.items())
+        for (name, capacity), path in order if rnd % 2 else reversed(order):  # ABBA: load drift cancels out
             key = f"{name} @{capacity}"
             if key in errors:
                 continue
