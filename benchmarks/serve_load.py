@@ -144,9 +144,9 @@ def run_load(port: int, prompts: list[list[int]], new_tokens: int, concurrency: 
     for c in clients:
         c.join()
     wall = time.perf_counter() - t0
-    ttft = [r["arrivals"][0] for r in results]
+    ttft = [r["arrivals"][0] for r in results if r["arrivals"]]  # a token that renders no text sends no chunk
     itl = [b - a for r in results for a, b in zip(r["arrivals"], r["arrivals"][1:], strict=False)]
-    tpot = [(r["arrivals"][-1] - r["arrivals"][0]) / (r["tokens"] - 1) for r in results if r["tokens"] > 1]
+    tpot = [(r["arrivals"][-1] - r["arrivals"][0]) / (r["tokens"] - 1) for r in results if len(r["arrivals"]) > 1]
     tokens = sum(r["tokens"] for r in results)
     return {
         "concurrency": concurrency,
