@@ -36,6 +36,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -295,7 +296,7 @@ def compare_ray(engine: str, prompts: list[list[int]], levels: list[int], args: 
     ]
     results: dict[str, list[dict[str, Any]]] = {}
     for name, extra, threads in setups:
-        log = args.out.with_name(f"serve_ray_load.{len(results)}.server.log")
+        log = Path(tempfile.gettempdir()) / f"serve_ray_load.{len(results)}.server.log"
         proc, port = start_server(engine, args.slots, threads, args.requests, log, extra)
         try:
             one_request(port, prompts[0][:16], 8)  # warm-up
