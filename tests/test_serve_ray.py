@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import shutil
 import socket
 import threading
@@ -26,8 +27,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 openai = pytest.importorskip("openai")
-ray = pytest.importorskip("ray")
-serve = pytest.importorskip("ray.serve")
 uvicorn = pytest.importorskip("uvicorn")
 
 from moetrt.cli import app as cli  # noqa: E402
@@ -49,6 +48,10 @@ from moetrt.serve.ray_serve import (  # noqa: E402
 from moetrt.serve.scheduler import Scheduler  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# The cluster tests; the others check what runs before Ray is imported, or replica objects without Ray.
+cluster = pytest.mark.skipif(
+    importlib.util.find_spec("ray") is None, reason="ray[serve] is not installed (pip install -e '.[ray]')"
+)
 
 MODEL, SLOTS, REPLICAS = "tiny-moe", 2, 2
 GENERATED = "moetrt_generation_tokens_total"
@@ -144,6 +147,9 @@ def expected(tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def ray_server(tiny_checkpoint):
+    import ray
+    from ray import serve
+
     for attempt in range(3):
         try:
             ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
@@ -161,9 +167,12 @@ def ray_server(tiny_checkpoint):
 
 
 def engine_replicas() -> dict:
+    from ray import serve
+
     return dict(serve.status().applications[APP_NAME].deployments[ENGINE_DEPLOYMENT].replica_states)
 
 
+@cluster
 @pytest.mark.slow
 def test_burst_is_spread_over_replicas_and_equals_the_single_server(ray_server, expected):
     assert [m.id for m in client(ray_server).models.list()] == [MODEL]
@@ -179,6 +188,7 @@ def test_burst_is_spread_over_replicas_and_equals_the_single_server(ray_server, 
     assert len(counts) == REPLICAS and all(n > 0 for n in counts.values()), f"per-replica requests: {counts}"
 
 
+@cluster
 @pytest.mark.slow
 def test_a_client_that_disconnects_cancels_its_request_on_the_replica(ray_server):
     def total(name: str, **labels: str) -> float:
@@ -201,8 +211,11 @@ def test_a_client_that_disconnects_cancels_its_request_on_the_replica(ray_server
     assert total(GENERATED) - tokens < 400, "the replica stopped long before max_tokens"
 
 
+@cluster
 @pytest.mark.slow
 def test_a_killed_replica_fails_only_its_running_requests_and_is_replaced(ray_server, expected):
+    import ray
+
     replicas = wait_for(lambda: len(ids := replica_ids(ray_server)) == REPLICAS and ids, 20, "replica ids")
     started = {job: threading.Event() for job in LONG}
     with ThreadPoolExecutor(len(LONG)) as pool:
@@ -229,6 +242,7 @@ def test_a_killed_replica_fails_only_its_running_requests_and_is_replaced(ray_se
     assert stream_text(ray_server, *BURST[0]) == expected[BURST[0]]
 
 
+@cluster
 @pytest.mark.slow
 def test_a_bad_engine_fails_the_deployment_with_one_line(ray_server, tiny_checkpoint, tmp_path):
     """The directory reads as a checkpoint where the driver looks (config.json), but the replica cannot load

@@ -282,48 +282,83 @@ class Ingress:
 
 
 # --- deploying ---------------------------------------------------------------------------------------------
-def application(engine_dir: str | Path, options: RayOptions) -> Any:
-    """The Ray Serve application (ingress bound to the engine deployment) for `engine_dir`. The directory is
-    read here for the deployment's sizes (slots, threads, GPU); every replica opens it again."""
+@dataclass(frozen=True)
+class Layout:
+    """The deployment's sizes, from the options and the directory (read here; every replica opens it again).
+
+    slots: per replica (--slots, else the engine's max batch, 1 for a checkpoint); threads: CPU threads per
+    replica and the Ray CPUs it reserves (--threads, else the engine's build threads, else 1); gpus: 1 for a
+    CUDA engine; scale: Serve's `num_replicas` or `autoscaling_config`, which targets `slots` ongoing requests
+    per replica."""
+
+    path: Path
+    slots: int
+    threads: int
+    gpus: int
+    min_replicas: int
+    max_replicas: int
+    scale: dict[str, Any]
+
+    @classmethod
+    def of(cls, engine_dir: str | Path, options: RayOptions) -> Layout:
+        """Check the options and read the directory; MoetrtError (one line) for what cannot be deployed."""
+        path = Path(engine_dir).resolve()
+        artifact = open_artifact(path)
+        manifest = artifact.manifest or {}
+        slots = options.slots if options.slots is not None else manifest.get("max_batch") or 1
+        if slots < 1:
+            raise MoetrtError(f"--slots: expected >= 1, found {slots}")
+        if options.max_queue < 0:
+            raise MoetrtError(f"--max-queue: expected >= 0, found {options.max_queue}")
+        cuda = artifact.kind == "engine" and (
+            manifest.get("device") == "cuda" or backend_entry(manifest.get("backend")).accelerator == "cuda"
+        )
+        if options.autoscale is not None:
+            low, high = options.autoscale
+            if not 1 <= low <= high:
+                raise MoetrtError(f"--autoscale: expected MIN:MAX with 1 <= MIN <= MAX, found {low}:{high}")
+            autoscaling = {"min_replicas": low, "max_replicas": high, "target_ongoing_requests": slots}
+            scale: dict[str, Any] = {"autoscaling_config": autoscaling}
+        elif options.replicas < 1:
+            raise MoetrtError(f"--replicas: expected >= 1, found {options.replicas}")
+        else:
+            low, high, scale = options.replicas, options.replicas, {"num_replicas": options.replicas}
+        threads = options.threads or manifest.get("threads") or 1
+        return cls(path, slots, threads, 1 if cuda else 0, low, high, scale)
+
+    def check_cpus(self, cpus: float) -> None:
+        """On a cluster of this machine alone, refuse replicas that cannot all be placed (Serve would wait
+        for CPUs that never come)."""
+        need = self.min_replicas * self.threads
+        if need > cpus:
+            raise MoetrtError(
+                f"{self.min_replicas} replicas x {self.threads} threads need {need} CPUs; this machine's Ray cluster "
+                f"has {cpus:g} (use fewer --replicas or --threads, or join a larger cluster with --ray-address)"
+            )
+
+
+def application(layout: Layout, options: RayOptions) -> Any:
+    """The Ray Serve application: the ingress bound to the engine deployment."""
     from ray import serve
 
-    path = Path(engine_dir).resolve()
-    artifact = open_artifact(path)
-    manifest = artifact.manifest or {}
-    slots = options.slots if options.slots is not None else manifest.get("max_batch") or 1
-    if slots < 1:
-        raise MoetrtError(f"--slots: expected >= 1, found {slots}")
-    if options.max_queue < 0:
-        raise MoetrtError(f"--max-queue: expected >= 0, found {options.max_queue}")
-    threads = replica_threads(options, manifest)
-    cuda = artifact.kind == "engine" and (
-        manifest.get("device") == "cuda" or backend_entry(manifest.get("backend")).accelerator == "cuda"
-    )
-    scale: dict[str, Any] = {"num_replicas": options.replicas}
-    if options.autoscale is not None:
-        low, high = options.autoscale
-        if not 1 <= low <= high:
-            raise MoetrtError(f"--autoscale: expected MIN:MAX with 1 <= MIN <= MAX, found {low}:{high}")
-        scale = {"autoscaling_config": {"min_replicas": low, "max_replicas": high, "target_ongoing_requests": slots}}
-    elif options.replicas < 1:
-        raise MoetrtError(f"--replicas: expected >= 1, found {options.replicas}")
     engine = serve.deployment(
         EngineReplica,
         name=ENGINE_DEPLOYMENT,
-        max_ongoing_requests=slots,
+        max_ongoing_requests=layout.slots,
         max_queued_requests=options.max_queue,
-        ray_actor_options={"num_cpus": threads, "num_gpus": 1 if cuda else 0},
+        ray_actor_options={"num_cpus": layout.threads, "num_gpus": layout.gpus},
         health_check_period_s=HEALTH_CHECK_PERIOD_S,
         max_constructor_retry_count=1,  # a bad engine directory fails every time: report it at once
-        **scale,
+        **layout.scale,
     )
     ingress = serve.deployment(
         serve.ingress()(Ingress),
         name=INGRESS_DEPLOYMENT,
         ray_actor_options={"num_cpus": 0},  # it waits on replicas and the network; the engines need the cores
-        max_ongoing_requests=max(1000, 4 * slots * (options.autoscale or (options.replicas,))[-1]),
+        max_ongoing_requests=max(1000, 4 * layout.slots * layout.max_replicas),
     )
-    return ingress.bind(engine.bind(str(path), options.slots, threads, slots), str(path), options)
+    path = str(layout.path)
+    return ingress.bind(engine.bind(path, layout.slots, layout.threads, layout.slots), path, options)
 
 
 def deploy(engine_dir: str | Path, host: str, port: int, options: RayOptions) -> str:
@@ -332,7 +367,7 @@ def deploy(engine_dir: str | Path, host: str, port: int, options: RayOptions) ->
     deployment fails, e.g. a replica cannot open the engine."""
     from ray import serve
 
-    app = application(engine_dir, options)
+    app = application(Layout.of(engine_dir, options), options)
     serve.start(http_options={"host": host, "port": port})
     try:
         serve.run(app, name=APP_NAME, route_prefix="/", logging_config={"log_level": "WARNING"})
@@ -343,23 +378,6 @@ def deploy(engine_dir: str | Path, host: str, port: int, options: RayOptions) ->
             report += [status.message, *(deployment.message for deployment in status.deployments.values())]
         raise MoetrtError(f"the Ray Serve deployment failed: {deployment_error(chr(10).join(report))}") from None
     return f"http://{host}:{port}"
-
-
-def replica_threads(options: RayOptions, manifest: dict[str, Any]) -> int:
-    """CPU threads (and Ray CPUs) per replica: --threads, else the engine's build threads, else 1."""
-    return options.threads or manifest.get("threads") or 1
-
-
-def check_local_cpus(engine_dir: str | Path, options: RayOptions, cpus: float) -> None:
-    """On a cluster of this machine alone, refuse a layout whose replicas cannot all be placed (Serve would
-    wait for CPUs that never come)."""
-    threads = replica_threads(options, open_artifact(engine_dir).manifest or {})
-    replicas = options.autoscale[0] if options.autoscale else options.replicas
-    if replicas * threads > cpus:
-        raise MoetrtError(
-            f"{replicas} replicas x {threads} threads need {replicas * threads} CPUs; this machine's Ray cluster has "
-            f"{cpus:g} (use fewer --replicas or --threads, or join a larger cluster with --ray-address)"
-        )
 
 
 def deployment_error(report: str) -> str:
@@ -387,7 +405,7 @@ def serve_on_ray(
     import ray
     from ray import serve
 
-    application(engine_dir, options)  # check the arguments and the directory before starting anything
+    layout = Layout.of(engine_dir, options)  # check the arguments and the directory before starting anything
     stop = threading.Event()
 
     def on_signal(sig: int, frame: FrameType | None) -> None:
@@ -399,11 +417,11 @@ def serve_on_ray(
         ray.init(address=ray_address or "local", include_dashboard=False, logging_level=logging.WARNING)
         started = ray_address is None
         if started:
-            check_local_cpus(engine_dir, options, ray.cluster_resources().get("CPU", 0))
+            layout.check_cpus(ray.cluster_resources().get("CPU", 0))
         progress(f"Ray cluster: {ray_address or 'started on this machine'}; deploying {engine_dir}")
         url = deploy(engine_dir, host, port, options)
-        layout = f"autoscaling {options.autoscale[0]}-{options.autoscale[1]}" if options.autoscale else options.replicas
-        progress(f"listening on {url} ({layout} engine replicas); Ctrl-C stops")
+        replicas = f"{layout.min_replicas}-{layout.max_replicas}" if options.autoscale else layout.min_replicas
+        progress(f"listening on {url} ({replicas} engine replicas, {layout.slots} slots each); Ctrl-C stops")
         stop.wait()
         progress("stopping: deleting the application (in-flight requests drain first)")
     finally:
