@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import re
 import sys
 from collections.abc import Callable, Iterator
@@ -159,11 +158,13 @@ def integer(low: int | None = None, high: int | None = None) -> Callable[[Any], 
 
 
 def number(text: Any) -> float | None:
-    """A float option's parser: a finite decimal number (no `nan`, `inf`, `1_0`)."""
+    """A float option's parser: a decimal number (no `1_0`, `0x1p3`); `inf` and `nan` pass to the library,
+    which refuses them with what it needs (e.g. a finite temperature)."""
     if text is None or isinstance(text, float):
         return text
-    if not re.fullmatch(r"-?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]{1,3})?", text) or not math.isfinite(float(text)):
-        raise typer.BadParameter(f"{text[:40]!r} is not a finite decimal number")
+    decimal = r"-?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]{1,3})?"
+    if not (re.fullmatch(decimal, text) or re.fullmatch(r"[-+]?(inf|infinity|nan)", text, re.IGNORECASE)):
+        raise typer.BadParameter(f"{text[:40]!r} is not a decimal number")
     return float(text)
 
 

@@ -347,7 +347,7 @@ def checkpoint_hash(checkpoint_dir: str | Path) -> str:
     samples; it is an identity for the manifest chain, not an integrity check."""
     d = Path(checkpoint_dir)
     h = hashlib.sha256((d / "config.json").read_bytes())
-    for file in weight_files(d):
+    for file in weight_files(d, required=False):
         path = d / file
         with open(path, "rb") as fh:
             header_len = int.from_bytes(fh.read(8), "little")
@@ -385,8 +385,11 @@ def read_index(checkpoint_dir: Path) -> ShardIndex | None:
     return None
 
 
-def weight_files(checkpoint_dir: Path) -> list[str]:
-    """The safetensors files a checkpoint's weights are read from (sorted), each checked to be a file."""
+def weight_files(checkpoint_dir: Path, required: bool = True) -> list[str]:
+    """The safetensors files a checkpoint's weights are read from (sorted), each checked to be a file; with
+    `required` False, a directory with no weights at all (config.json only: a graph-only export) has none."""
+    if not required and not any(os.path.lexists(checkpoint_dir / name) for name in (INDEX_FILE, SINGLE_FILE)):
+        return []
     index = read_index(checkpoint_dir)
     files = [SINGLE_FILE] if index is None else sorted(set(index.weight_map.values()))
     for file in files:
