@@ -440,6 +440,11 @@ def edited_engine(engine: Path, out: Path, edit) -> Path:
     onnx.save(model, str(out / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
     for name in (MANIFEST, TOKENIZER):
         shutil.copy(engine / name, out / name)
+    from moetrt.artifacts import file_records
+
+    manifest = json.loads((out / MANIFEST).read_text())  # the rewritten files' sizes and digests
+    manifest["file_records"] = file_records(out, {"model.onnx": None, "model.onnx.data": None})
+    (out / MANIFEST).write_text(json.dumps(manifest))
     return out
 
 
