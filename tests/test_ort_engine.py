@@ -448,6 +448,11 @@ def edited_engine(engine: Path, out: Path, edit) -> Path:
     onnx.save(model, str(out / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
     for name in (MANIFEST, TOKENIZER):
         shutil.copy(engine / name, out / name)
+    from moetrt.artifacts import file_records
+
+    manifest = json.loads((out / MANIFEST).read_text())  # the rewritten files' sizes and digests
+    manifest["file_records"] = file_records(out, {"model.onnx": None, "model.onnx.data": None})
+    (out / MANIFEST).write_text(json.dumps(manifest))
     return out
 
 
@@ -561,9 +566,11 @@ def test_load_errors_name_the_file(exported, engines, tmp_path):
         OrtBackend.load(tmp_path / "missing")
     broken = shutil.copytree(engine, tmp_path / "broken")
     (broken / "model.onnx").write_bytes(b"not a protobuf")
-    with pytest.raises(MoetrtError, match=r"broken/model\.onnx: ONNX Runtime cannot load"):
+    # the manifest's size record catches the damaged graph first (moetrt.artifacts.read_manifest)
+    damaged = r"broken/model\.onnx: (ONNX Runtime cannot load|14 bytes, the manifest records)"
+    with pytest.raises(MoetrtError, match=damaged):
         OrtBackend.load(broken)
-    with pytest.raises(MoetrtError, match=r"broken/model\.onnx: not a readable ONNX model"):
+    with pytest.raises(MoetrtError, match=r"broken/model\.onnx: (not a readable ONNX model|14 bytes, the manifest)"):
         OrtBackend.load(broken, extra_outputs=["layers.0.moe_input"])
     for field, value, message in (("moetrt_version", "0.0.1", "written by moetrt 0.0.1"), ("backend", "trt", "'trt'")):
         other = shutil.copytree(engine, tmp_path / f"other-{field}")
