@@ -347,7 +347,9 @@ def checkpoint_hash(checkpoint_dir: str | Path) -> str:
     samples; it is an identity for the manifest chain, not an integrity check."""
     d = Path(checkpoint_dir)
     h = hashlib.sha256((d / "config.json").read_bytes())
-    for file in weight_files(d):
+    # config.json alone (a graph-only export's source) hashes its config
+    has_weights = os.path.lexists(d / INDEX_FILE) or os.path.lexists(d / SINGLE_FILE)
+    for file in weight_files(d) if has_weights else []:
         path = d / file
         with open(path, "rb") as fh:
             header_len = int.from_bytes(fh.read(8), "little")
