@@ -32,7 +32,7 @@ def load_backend(
 ) -> Backend:
     """Load an engine directory with the backend its manifest names (`moetrt.registry`), or a checkpoint
     directory (config.json, no moetrt.json) as an `EagerBackend`: `open_backend(open_artifact(path), ...)`."""
-    return open_backend(open_artifact(path), max_batch, threads, extra_outputs, max_seq_len, dtype, device)
+    return open_backend(open_artifact(path), max_batch, threads, extra_outputs, max_seq_len, dtype, device, verify)
 
 
 def open_backend(
