@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +29,20 @@ json_scalars = st.one_of(
 )  # fmt: skip
 json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
     st.text(max_size=5), inner, max_size=3), max_leaves=6)  # fmt: skip
+
+
+def read_or_refuse(checkpoint: Path) -> dict | None:
+    """The checkpoint's tensors, or None after checking it was refused with one line (hypothesis events)."""
+    try:
+        with CheckpointReader(checkpoint) as reader:
+            reader.validate()
+            got = dict(reader.tensors())
+    except MoetrtError as err:
+        one_line(err)
+        event("refused in one line")
+        return None
+    event("accepted, tensors identical")
+    return got
 
 
 def one_line(err: BaseException) -> str:
@@ -200,15 +215,9 @@ def test_shard_index_is_checked_or_read_exactly(sharded, tmp_path_factory, mutat
     else:
         body = mutation[1]
     (d / INDEX_FILE).write_text(json.dumps(body))
-    try:
-        with CheckpointReader(d) as reader:
-            reader.validate()
-            got = dict(reader.tensors())
-    except MoetrtError as err:
-        one_line(err)
-        event("refused in one line")
+    got = read_or_refuse(d)
+    if got is None:
         return
-    event("accepted, tensors identical")
     assert got.keys() == reference.keys()
     assert all(torch.equal(got[name], reference[name]) for name in reference)
 
@@ -411,15 +420,9 @@ def test_safetensors_headers_are_checked_or_read_exactly(single, tmp_path_factor
         text = json.dumps(header).encode()
         weights = len(text).to_bytes(8, "little") + text + data
     d = damaged_copy(path, tmp_path_factory.mktemp("st") / "ck", weights)
-    try:
-        with CheckpointReader(d) as reader:
-            reader.validate()
-            got = dict(reader.tensors())
-    except MoetrtError as err:
-        one_line(err)
-        event("refused in one line")
+    got = read_or_refuse(d)
+    if got is None:
         return
-    event("accepted, tensors identical")
     # accepted: the same tensors (a float dtype relabelled with the same byte size would not be)
     assert all(torch.equal(got[name].float(), reference[name].float()) for name in reference)
 
