@@ -315,7 +315,7 @@ class HFMixtralConfig(Strict):
             num_local_experts=self.num_local_experts,
             num_experts_per_tok=self.num_experts_per_tok,
             rms_norm_eps=self.rms_norm_eps,
-            rope_theta=self._rope_theta(),
+            rope_theta=self._rope_theta(source),
             max_position_embeddings=self.max_position_embeddings,
             sliding_window=self.sliding_window,
             tie_word_embeddings=self.tie_word_embeddings,
@@ -334,9 +334,18 @@ class HFMixtralConfig(Strict):
         chosen = "rope_scaling" if self.rope_scaling and self.rope_scaling.model_fields_set else "rope_parameters"
         return chosen, getattr(self, chosen) or HFRopeParameters()
 
-    def _rope_theta(self) -> float:
-        _, rope = self._rope()
-        return self.rope_theta if rope.rope_theta is None else rope.rope_theta
+    def _rope_theta(self, source: str) -> float:
+        """The RoPE base: the rope dict's, else the top-level field's. Both given and different is refused
+        (which one a reader takes differs between transformers versions: never a silent choice)."""
+        field, rope = self._rope()
+        if rope.rope_theta is None:
+            return self.rope_theta
+        if "rope_theta" in self.model_fields_set and self.rope_theta != rope.rope_theta:
+            raise MoetrtError(
+                f"{source}: field 'rope_theta' is {self.rope_theta} but '{field}.rope_theta' is {rope.rope_theta}; "
+                "expected one value"
+            )
+        return rope.rope_theta
 
     def _rope_scaling(self, source: str) -> RopeScaling | None:
         field, rope = self._rope()
