@@ -62,6 +62,7 @@ def measure(
             generate(runner, prompts, max(2, min(warmup_tokens, new_tokens)), stop_token_ids=())
         result = generate(runner, prompts, new_tokens, stop_token_ids=())
         gpu_mem = free_before - torch.cuda.mem_get_info()[0] if gpu else None
+        huge_pages = getattr(runner, "huge_pages", None)
     finally:
         runner.close()
     return {
@@ -71,6 +72,7 @@ def measure(
         "decode_tokens_per_s": result.decode_tokens_per_s,
         "decode_ms_per_step": result.decode_ms / max(result.decode_steps, 1),
         "peak_rss_bytes": peak_rss_bytes(),
+        "huge_page_bytes": huge_pages.collapsed if huge_pages is not None else None,
         "gpu_mem_bytes": gpu_mem,
         "load_s": load_s,
         "token_ids": result.tokens,
