@@ -28,6 +28,7 @@ from __future__ import annotations
 INPUT_IDS = "input_ids"
 POSITION_IDS = "position_ids"
 LOGITS = "logits"
+KV_LIVE = "kv_live"  # TensorRT engines: input [L] whose length is the cache slots a step reads (trt_attention)
 
 
 def past_key(layer: int) -> str:

@@ -187,10 +187,11 @@ def test_lowered_chain_computes_the_op():
 
 def test_profiles_cover_prefill_and_decode():
     p = trt_engine.profiles(max_batch=4, max_seq_len=512)
-    assert p["prefill"] == {"batch": [1, 4, 4], "seq": [1, 128, 512]}
-    assert p["decode"] == {"batch": [1, 4, 4], "seq": [1, 1, 1]}
+    assert p["prefill"] == {"batch": [1, 4, 4], "seq": [1, 128, 512], "live": [1, 128, 512]}
+    assert p["decode"] == {"batch": [1, 4, 4], "seq": [1, 1, 1], "live": [1, 512, 512]}
     shapes = trt_engine._input_shapes("past_key.0", (-1, 8, 512, 128), p["decode"])
     assert shapes == [(1, 8, 512, 128), (4, 8, 512, 128), (4, 8, 512, 128)]
+    assert trt_engine._input_shapes(names.KV_LIVE, (-1,), p["prefill"]) == [(1,), (128,), (512,)]
     with pytest.raises(MoetrtError, match="dynamic axis 2"):
         trt_engine._input_shapes("past_key.0", (-1, 8, -1, 128), p["decode"])
 
@@ -370,6 +371,84 @@ def test_pins_in_pyproject_are_the_versions_the_code_needs():
 # ---- the build's checks and the graph TensorRT parses ------------------------------------------------------
 
 
+# ---- attention bounded by the live length (pure ONNX, run in ONNX Runtime) ---------------------------------
+
+BOUND_SEQ = 48
+BOUND_CONFIGS = {"tiny": {}, "sliding_window_6": {"sliding_window": 6}}
+
+
+@pytest.fixture(scope="module", params=list(BOUND_CONFIGS))
+def fp32_export(request, tmp_path_factory) -> Path:
+    import dataclasses
+
+    from moetrt.export import export_checkpoint
+    from moetrt.model.testing import make_checkpoint
+
+    root = tmp_path_factory.mktemp(f"bound-{request.param}")
+    config = dataclasses.replace(PRESETS["tiny"], **BOUND_CONFIGS[request.param])
+    ckpt = make_checkpoint(root / "ckpt", config, seed=2)
+    return Path(export_checkpoint(ckpt, root / "export", max_seq_len=BOUND_SEQ, max_batch=2, progress=False))
+
+
+def test_bounded_attention_computes_the_exports_attention(fp32_export):
+    """The export and its `bound_attention` rewrite in ONNX Runtime, on random caches: prefill from 0, rows at
+    different lengths (a chunk after a past), decode. With `kv_live` of the live length (or longer, up to
+    the capacity) logits and new K/V agree within fp32 summation-order noise (1.2e-5 - 1.6e-5 measured on
+    logits); one slot short, they do not: the rewrite really cuts what attention reads."""
+    import onnxruntime as ort
+
+    from moetrt.engines.trt_attention import bound_attention
+    from moetrt.export import with_reference_function
+
+    exported = onnx.load(fp32_export / names.MODEL_FILE, load_external_data=False)
+    layers = PRESETS["tiny"].num_hidden_layers
+    bounded = onnx.ModelProto()
+    bounded.CopyFrom(exported)
+    bound_attention(bounded, layers, BOUND_SEQ)
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(fp32_export))
+
+    def session(model):
+        return ort.InferenceSession(with_reference_function(model).SerializeToString(), options,
+                                    providers=["CPUExecutionProvider"])  # fmt: skip
+
+    reference, candidate = session(exported), session(bounded)
+    config, rng = PRESETS["tiny"], np.random.default_rng(0)
+    shape = (2, config.num_key_value_heads, BOUND_SEQ, config.head_dim)
+    caches = {name(i): rng.standard_normal(shape).astype(np.float32)
+              for i in range(layers) for name in (names.past_key, names.past_value)}  # fmt: skip
+    steps = {"prefill": [[0, 1, 2, 3], [0, 1, 2, 3]], "chunk": [[5, 6, 7], [20, 21, 22]], "decode": [[9], [40]]}
+    for step, positions in steps.items():
+        pos = np.array(positions)
+        feeds = {names.INPUT_IDS: rng.integers(3, config.vocab_size, size=pos.shape), names.POSITION_IDS: pos,
+                 **caches}  # fmt: skip
+        expected = reference.run(None, feeds)
+        live = max(1, int(pos[:, 0].max()))
+        for slots in (live, (live + BOUND_SEQ) // 2, BOUND_SEQ):
+            got = candidate.run(None, {**feeds, names.KV_LIVE: np.zeros(slots, np.int32)})
+            for name, a, b in zip([o.name for o in reference.get_outputs()], expected, got, strict=True):
+                np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-4, err_msg=f"{step}, {slots} slots: {name}")
+        if live > 1:
+            short = candidate.run(None, {**feeds, names.KV_LIVE: np.zeros(live - 1, np.int32)})
+            assert np.abs(short[0] - expected[0]).max() > 1e-2, f"{step}: one slot short changed nothing"
+
+
+def test_bounded_attention_refuses_another_pattern(fp32_export):
+    """A graph whose key-position Range is not the capacity (a future exporter's pattern) is refused in one
+    line and left as it was, and so is a graph bounded twice."""
+    from moetrt.engines.trt_attention import bound_attention
+
+    exported = onnx.load(fp32_export / names.MODEL_FILE, load_external_data=False)
+    layers = PRESETS["tiny"].num_hidden_layers
+    before = exported.SerializeToString()
+    with pytest.raises(MoetrtError, match=r"found 0 Range\(0, 47\) nodes, expected 1"):
+        bound_attention(exported, layers, BOUND_SEQ - 1)
+    assert exported.SerializeToString() == before, "a refused graph was changed"
+    bound_attention(exported, layers, BOUND_SEQ)
+    with pytest.raises(MoetrtError, match="bounded already"):
+        bound_attention(exported, layers, BOUND_SEQ)
+
+
 @pytest.fixture(scope="module")
 def fp16_export(tmp_path_factory):
     """A tiny float16 checkpoint and its export (max_batch 2, max_seq_len 32)."""
@@ -428,6 +507,7 @@ def test_prepare_graph_marks_each_layers_values_as_outputs(fp16_export, plugins)
     model_path = fp16_export.export / names.MODEL_FILE
     exported = onnx.load(model_path, load_external_data=False)
     model, outputs = trt_engine.prepare_graph(model_path, plugins, "float16")
+    assert [i.name for i in model.graph.input] == [i.name for i in exported.graph.input] + [names.KV_LIVE]
     assert outputs == [names.moe_input(0), names.moe_output(0), names.moe_input(1), names.moe_output(1)]
     kept = [o.name for o in exported.graph.output]
     assert [o.name for o in model.graph.output] == kept + outputs
@@ -441,13 +521,18 @@ def test_prepare_graph_marks_each_layers_values_as_outputs(fp16_export, plugins)
         trt_engine.layer_output_names(moe_model(layers=1))
 
 
-def engine_dir(root: Path, plugins: str = "aot", layer_outputs: tuple[str, ...] = ()) -> Path:
-    """An engine directory as `build_trt_engine` writes it, with an empty engine file (none can be built here)."""
+def engine_dir(
+    root: Path, plugins: str = "aot", layer_outputs: tuple[str, ...] = (), attention: str | None = names.KV_LIVE
+) -> Path:
+    """An engine directory as `build_trt_engine` writes it, with an empty engine file (none can be built here);
+    attention=None: as an engine built before the `kv_live` input."""
     root.mkdir()
     config = PRESETS["tiny"]
     body = {"backend": "trt", "config": config.to_dict(), "dtype": "float16", "precision": "fp16", "max_batch": 2,
             "max_seq_len": 32, "io": {}, "parent": "0" * 64, "plugins": plugins,
             "layer_outputs": list(layer_outputs), "engine": names.ENGINE_FILE}  # fmt: skip
+    if attention is not None:
+        body["attention"] = attention
     write_manifest(root, "engine", body)
     (root / names.ENGINE_FILE).write_bytes(b"")
     return root
@@ -469,6 +554,8 @@ def test_backend_checks_its_engine_directory(tmp_path):
         check_engine(engine, 3, ())
     with pytest.raises(MoetrtError, match="field 'plugins' is 'both'"):
         check_engine(engine_dir(tmp_path / "broken", plugins="both"), None, ())
+    with pytest.raises(MoetrtError, match="reads the whole cache .* rebuild it"):
+        check_engine(engine_dir(tmp_path / "unbounded", attention=None), None, ())
     (engine / names.ENGINE_FILE).unlink()
     with pytest.raises(MoetrtError, match="model.engine: not found"):
         check_engine(engine, None, ())

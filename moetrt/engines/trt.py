@@ -17,12 +17,13 @@ Per-layer values: with layer_outputs (default) each TopKMoE node's input and out
 moe_input(i) / moe_output(i)) become network outputs, so `moetrt validate` can compare an engine layer by
 layer; the router's logits stay inside the route kernel and are not among them.
 
-Attention is NOT bounded by the live length on this path: the engine runs the export's attention, which
-reads every slot of the static [batch, kv_heads, max_seq_len, head_dim] cache each step and masks the dead
-ones, so a step costs what the capacity costs (the ONNX Runtime engines lower it to GroupQueryAttention over
-each row's length, moetrt/engines/ort_attention.py). Bounding it here needs either a shape input that
-slices the cache to the batch's longest row before the attention MatMuls, or TensorRT's own attention layer
-with a KV-cache update in place; neither is implemented, and neither can be built or tested without TensorRT.
+Attention is bounded by the live length: `prepare_graph` gives the graph a shape input `kv_live` [L] and
+slices each layer's cache reads, key-position mask and softmax split to the first L slots
+(moetrt/engines/trt_attention.py; the rewrite is pure ONNX and tested in ONNX Runtime against the unbounded
+export). The runtime sets L to the batch's longest cached length each step (decode: rounded up to a power of
+two, one CUDA graph per bucket), so a step reads L slots of the static cache, not max_seq_len; the
+optimization profiles give `kv_live` the range 1..max_seq_len. (ONNX Runtime engines use
+GroupQueryAttention over each row's own length instead, moetrt/engines/ort_attention.py.)
 
 Engine directory: model.engine (the serialized engine) and moetrt.json (kind "engine", backend "trt",
 with the export's config, dtype, limits and graph I/O, the optimization profiles, the plugin mode, the
@@ -49,9 +50,10 @@ from moetrt.artifacts import (
     read_manifest,
     write_manifest,
 )
+from moetrt.engines.trt_attention import bound_attention
 from moetrt.errors import MoetrtError
 from moetrt.fsutil import atomic_dir
-from moetrt.names import ENGINE_FILE, MODEL_FILE
+from moetrt.names import ENGINE_FILE, KV_LIVE, MODEL_FILE
 from moetrt.plugins import contract
 from moetrt.plugins.kernels import geometry
 from moetrt.plugins.trt_moe import PLUGIN_API, STAGE_FIELDS, STAGE_OPS
@@ -63,6 +65,7 @@ PLUGIN_MODES = tuple(PLUGIN_API)
 _ONNX_TYPES = {"float16": onnx.TensorProto.FLOAT16, "bfloat16": onnx.TensorProto.BFLOAT16}
 DEFAULT_TIMING_CACHE = Path.home() / ".cache" / "moetrt" / "trt-timing.cache"
 _ATTR_TYPES = {int: onnx.AttributeProto.INT, str: onnx.AttributeProto.STRING}
+DECODE_LIVE_OPT = 1024  # the live length the decode profile's kernels are tuned for
 
 
 def check_trt_graph(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -140,23 +143,28 @@ def _stage_nodes(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]], block
 
 
 def profiles(max_batch: int, max_seq_len: int, prefill_opt: int = 128) -> dict[str, dict[str, list[int]]]:
-    """Optimization profiles over the two dynamic axes (batch, seq): prefill (any seq up to max_seq_len) and
-    decode (seq = 1), each as min/opt/max."""
+    """Optimization profiles over the dynamic axes (batch, seq, and `kv_live`'s length: the cache slots a step
+    reads): prefill (any seq up to max_seq_len) and decode (seq = 1), each as min/opt/max."""
     opt_seq = min(prefill_opt, max_seq_len)
     return {
-        "prefill": {"batch": [1, max_batch, max_batch], "seq": [1, opt_seq, max_seq_len]},
-        "decode": {"batch": [1, max_batch, max_batch], "seq": [1, 1, 1]},
-    }
+        "prefill": {"batch": [1, max_batch, max_batch], "seq": [1, opt_seq, max_seq_len],
+                    "live": [1, opt_seq, max_seq_len]},
+        "decode": {"batch": [1, max_batch, max_batch], "seq": [1, 1, 1],
+                   "live": [1, min(DECODE_LIVE_OPT, max_seq_len), max_seq_len]},
+    }  # fmt: skip
 
 
 def _input_shapes(name: str, shape: tuple[int, ...], axes: dict[str, list[int]]) -> list[tuple[int, ...]]:
-    """min/opt/max shapes of one network input: axis 0 is batch, axis 1 of the token inputs is seq."""
+    """min/opt/max shapes of one network input: axis 0 is batch (`kv_live`'s: live), axis 1 of the token
+    inputs is seq."""
     out = []
     for i in range(3):
         dims = []
         for axis, d in enumerate(shape):
             if d >= 0:
                 dims.append(d)
+            elif name == KV_LIVE:
+                dims.append(axes["live"][i])
             elif axis == 0:
                 dims.append(axes["batch"][i])
             elif axis == 1 and name in ("input_ids", "position_ids"):
@@ -201,8 +209,9 @@ def prepare_graph(
     model_path: Path, plugins: str, dtype: str, layer_outputs: bool = True
 ) -> tuple[onnx.ModelProto, list[str]]:
     """The graph TensorRT parses (weights stay in the external data file) and the per-layer values it returns:
-    `check_trt_graph`, then (layer_outputs) `layer_output_names` appended as graph outputs of element type
-    `dtype` (onnx-tensorrt marks every graph output as a network output of its ONNX type), then, for
+    `check_trt_graph`, the attention bounded by the shape input `kv_live` (trt_attention.bound_attention, at
+    the export's cache length), then (layer_outputs) `layer_output_names` appended as graph outputs of element
+    type `dtype` (onnx-tensorrt marks every graph output as a network output of its ONNX type), then, for
     plugins="aot", `lower_for_aot`."""
     if not model_path.is_file():
         raise MoetrtError(f"{model_path}: not found; expected the exported ONNX graph")
@@ -211,6 +220,17 @@ def prepare_graph(
     except Exception as err:  # protobuf DecodeError and friends: a truncated or foreign file
         raise MoetrtError(f"{model_path}: not a readable ONNX model ({type(err).__name__}: {err})") from None
     check_trt_graph(model)
+    inputs = {value.name: value for value in model.graph.input}
+    layers = 0
+    while names.past_key(layers) in inputs:
+        layers += 1
+    if layers == 0:
+        raise MoetrtError(f"{model_path}: no {names.past_key(0)!r} input; expected a graph from `moetrt export`")
+    cache_len = inputs[names.past_key(0)].type.tensor_type.shape.dim[2].dim_value
+    try:
+        bound_attention(model, layers, cache_len)
+    except MoetrtError as err:
+        raise MoetrtError(f"{model_path}: {err}") from None
     outputs = layer_output_names(model) if layer_outputs else []
     present = {value.name for value in model.graph.output}
     model.graph.output.extend(
@@ -345,6 +365,7 @@ def build_trt_engine(
             "io": manifest.get("io", {}),
             **lineage(export_dir, manifest),
             "plugins": plugins,
+            "attention": KV_LIVE,  # bounded by the shape input kv_live (trt_attention)
             "layer_outputs": outputs,
             "ptx": _ptx_record() if plugins == "aot" else None,
             "profiles": shapes,

@@ -10,13 +10,18 @@ Two execution contexts, one per optimization profile (moetrt.engines.trt.profile
 - prefill (any T) binds per-step outputs over the rows of the step's slots: one run over rows 0..B-1 when
   the slots are those, else one run per slot over its own row (each a contiguous [1, ...] view).
 - decode (T = 1) always runs the fixed batch max_batch from static input/output buffers: batch row b goes
-  to row slots[b]; the other rows get token 0 at position max_seq_len - 1 and their K/V scatter writes back
-  what their slot already held there, so slots not named are untouched. For AOT engines `execute_async_v3`
-  plus the scatter are captured once in a CUDA graph and replayed. The capture uses
+  to row slots[b]; the other rows get token 0 at position 0 and their K/V scatter writes back what their
+  slot already held there, so slots not named are untouched. For AOT engines `execute_async_v3` plus the
+  scatter are captured in a CUDA graph per live-length bucket (below) and replayed. The capture uses
   capture_error_mode="thread_local", as TensorRT's trtexec captures (cudaStreamCaptureModeThreadLocal in
   samples/common/sampleDevice.h), so CUDA calls from other threads do not invalidate it (torch.cuda.graph
   defaults to "global"). JIT engines are not captured:
   their plugin runs Python and torch allocations on every enqueue.
+Live length. The engine's attention reads the first L slots of each cache, L being the length of the input
+`kv_live` (moetrt/engines/trt_attention.py): a prefill sets L to its rows' longest cached length (at least
+1); decode rounds it up to a power of two (at least DECODE_MIN_LIVE, at most max_seq_len), so the decode
+step's shapes take few values: each bucket gets its own first run (outside capture) and its own CUDA
+graph, made when a step first needs it. A step thus reads at most twice the live cache, not the capacity.
 All work runs on the backend's own stream, never on the default stream (`execute_async_v3`'s documentation:
 on the default stream TensorRT adds cudaDeviceSynchronize calls to stay correct).
 
@@ -46,6 +51,7 @@ from moetrt.registry import TENSORRT_MISSING
 from moetrt.runtime.backend import ClosingContext
 
 PREFILL, DECODE = 0, 1  # optimization profile indices, in the order moetrt.engines.trt builds them
+DECODE_MIN_LIVE = 64  # smallest decode live-length bucket
 
 
 class TrtBackend(ClosingContext):
@@ -87,9 +93,12 @@ class TrtBackend(ClosingContext):
         with torch.cuda.stream(self.stream):  # allocated and zeroed on the stream that uses them
             self.k = [torch.zeros(shape, dtype=self.dtype, device="cuda") for _ in range(cfg.num_hidden_layers)]
             self.v = [torch.zeros(shape, dtype=self.dtype, device="cuda") for _ in range(cfg.num_hidden_layers)]
+            self._live = torch.zeros(self.max_seq_len, dtype=torch.int32, device="cuda")  # kv_live's storage
         self._prefill = self._context(PREFILL)
         self._decode = self._context(DECODE)
-        self._graph = self._prepare_decode(capture=manifest["plugins"] == "aot")
+        self._capture = manifest["plugins"] == "aot"
+        self._graphs: dict[int, torch.cuda.CUDAGraph | None] = {}  # decode live bucket -> its captured step
+        self._prepare_decode()
 
     @classmethod
     def load(
@@ -114,10 +123,10 @@ class TrtBackend(ClosingContext):
                   trt.int64: torch.int64, trt.int32: torch.int32}  # fmt: skip
         return dtypes[self.engine.get_tensor_dtype(name)]
 
-    def _bind(self, context, ids: torch.Tensor, pos: torch.Tensor, rows: slice) -> dict[str, torch.Tensor]:
-        """Set shapes and addresses for [B, T] ids/positions and the caches' rows `rows` (B of them, contiguous);
-        allocate every engine output. Returns the outputs by name."""
-        inputs = {io.INPUT_IDS: ids, io.POSITION_IDS: pos}
+    def _bind(self, context, ids: torch.Tensor, pos: torch.Tensor, rows: slice, live: int) -> dict[str, torch.Tensor]:
+        """Set shapes and addresses for [B, T] ids/positions, the caches' rows `rows` (B of them, contiguous) and
+        `live` cache slots read; allocate every engine output. Returns the outputs by name."""
+        inputs = {io.INPUT_IDS: ids, io.POSITION_IDS: pos, io.KV_LIVE: self._live[:live]}
         for i in range(self.config.num_hidden_layers):
             inputs[io.past_key(i)], inputs[io.past_value(i)] = self.k[i][rows], self.v[i][rows]
         for name, tensor in inputs.items():
@@ -150,22 +159,38 @@ class TrtBackend(ClosingContext):
         self._execute(self._decode)
         self._store(self._pos, self._out, slice(0, self.max_batch), self._keep)
 
-    def _prepare_decode(self, capture: bool) -> torch.cuda.CUDAGraph | None:
-        """Static decode buffers and one run (TensorRT defers work to the first enqueue); then, if `capture`,
-        the decode step captured in a CUDA graph on the backend's stream."""
+    def _prepare_decode(self) -> None:
+        """Static decode buffers (the outputs' shapes do not depend on the live length) and the smallest
+        bucket's first run and graph."""
         with torch.cuda.stream(self.stream):
             self._ids = torch.zeros((self.max_batch, 1), dtype=torch.int64, device="cuda")
-            self._pos = torch.full((self.max_batch, 1), self.max_seq_len - 1, dtype=torch.int64, device="cuda")
+            self._pos = torch.zeros((self.max_batch, 1), dtype=torch.int64, device="cuda")
             self._keep = torch.zeros(self.max_batch, dtype=torch.bool, device="cuda")
-            self._out = self._bind(self._decode, self._ids, self._pos, slice(0, self.max_batch))
+            bucket = self._bucket(1)
+            self._out = self._bind(self._decode, self._ids, self._pos, slice(0, self.max_batch), bucket)
+            self._decode_graph(bucket)
+
+    def _bucket(self, live: int) -> int:
+        """The decode live length for `live` cached slots: the next power of two, within the engine's range."""
+        return min(self.max_seq_len, max(DECODE_MIN_LIVE, 1 << max(live - 1, 0).bit_length()))
+
+    def _decode_graph(self, bucket: int) -> torch.cuda.CUDAGraph | None:
+        """Set the decode context's `kv_live` to `bucket` slots; on the bucket's first use run the step once
+        (TensorRT defers work to the first enqueue at a shape) and, for AOT engines, capture it. The captured
+        step (None: run it directly), which only runs at this shape."""
+        if not self._decode.set_input_shape(io.KV_LIVE, (bucket,)):
+            raise MoetrtError(f"engine input {io.KV_LIVE}: {bucket} slots rejected (not in its decode profile?)")
+        if bucket not in self._graphs:
+            self._keep.zero_()  # every row writes back what its slot holds: the warm-up changes no cache
             self._decode_step()
             self.stream.synchronize()
-            if not capture:
-                return None
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
-                self._decode_step()
-        return graph
+            graph = None
+            if self._capture:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+                    self._decode_step()
+            self._graphs[bucket] = graph
+        return self._graphs[bucket]
 
     @torch.inference_mode()
     def step(self, input_ids: np.ndarray, position_ids: np.ndarray, slots: Sequence[int] | None = None) -> np.ndarray:
@@ -185,14 +210,15 @@ class TrtBackend(ClosingContext):
         with torch.cuda.stream(self.stream):
             if t == 1:
                 rows = torch.tensor(slots, device="cuda")
+                graph = self._decode_graph(self._bucket(int(position_ids.max())))
                 self._ids.zero_()
-                self._pos.fill_(self.max_seq_len - 1)
+                self._pos.zero_()
                 self._keep.zero_()
                 self._ids[rows] = ids.cuda()
                 self._pos[rows] = pos.cuda()
                 self._keep[rows] = True
-                if self._graph is not None:
-                    self._graph.replay()
+                if graph is not None:
+                    graph.replay()
                 else:
                     self._decode_step()
                 values = {name: self._out[name][rows] for name in (io.LOGITS, *self.extra_outputs)}  # T = 1
@@ -206,7 +232,7 @@ class TrtBackend(ClosingContext):
             return values[io.LOGITS].float().cpu().numpy()
 
     def _prefill_rows(self, ids: torch.Tensor, pos: torch.Tensor, rows: slice) -> dict[str, torch.Tensor]:
-        outputs = self._bind(self._prefill, ids, pos, rows)
+        outputs = self._bind(self._prefill, ids, pos, rows, max(1, int(pos[:, 0].max())))
         self._execute(self._prefill)
         self._store(pos, outputs, rows)
         return {name: outputs[name] for name in (io.LOGITS, *self.extra_outputs)}
@@ -226,7 +252,7 @@ class TrtBackend(ClosingContext):
     def close(self) -> None:
         """Release the CUDA graph, contexts, engine and buffers; the backend cannot step afterwards."""
         self.stream.synchronize()
-        del self._graph, self._decode, self._prefill, self.engine, self._runtime, self.k, self.v, self._out
+        del self._graphs, self._decode, self._prefill, self.engine, self._runtime, self.k, self.v, self._out
 
 
 def check_engine(
@@ -242,6 +268,9 @@ def check_engine(
         raise MoetrtError(f"{where}: a {manifest.get('backend')!r} engine, expected a TensorRT engine")
     if manifest.get("plugins") not in ("aot", "jit"):
         raise MoetrtError(f"{where}: field 'plugins' is {manifest.get('plugins')!r}, expected 'aot' or 'jit'")
+    if manifest.get("attention") != io.KV_LIVE:
+        raise MoetrtError(f"{where}: an engine whose attention reads the whole cache (built by an older moetrt, "
+                          f"before the {io.KV_LIVE!r} input): rebuild it")  # fmt: skip
     engine_file = engine_dir / manifest.setdefault("engine", ENGINE_FILE)
     if not engine_file.is_file():
         raise MoetrtError(f"{engine_file}: not found; the engine directory is incomplete, rebuild it")
