@@ -59,21 +59,25 @@ def thp_mode() -> str:
 
 def test_written_memory_is_collapsed_untouched_memory_is_not_committed(monkeypatch, plain_numpy):
     """A 16 MiB buffer written in full is collapsed into huge pages and keeps its values; an untouched
-    64 MiB reservation (as a static KV buffer) and a 16 MiB buffer written to 3 MiB (a KV buffer after a
-    few tokens) are not committed any further: the resident set does not grow."""
+    64 MiB reservation (as a static KV buffer), a 16 MiB buffer written to 3 MiB (a KV buffer after a few
+    tokens) and a 16 MiB buffer read but never written (a KV buffer copied whole: the zero page) are not
+    committed any further: the resident set does not grow."""
     monkeypatch.delenv(huge_pages.ENV, raising=False)
     loaded = np.random.default_rng(1).random(8 * HUGE_PAGE // 8)  # 16 MiB, every page written
     expected = loaded.copy()
     reserved = np.zeros(32 * HUGE_PAGE // 8)  # 64 MiB: calloc'd pages, none touched
     partial = np.zeros(8 * HUGE_PAGE // 8)
     partial[: 3 * (1 << 20) // 8] = 1.0
-    rss = {name: smaps_sum(a, "Rss:") for name, a in (("reserved", reserved), ("partial", partial))}
+    read_only = np.zeros(8 * HUGE_PAGE // 8)
+    assert read_only.sum() == 0  # every page read, none written: all map the shared zero page
+    buffers = {"reserved": reserved, "partial": partial, "read_only": read_only}
+    rss = {name: smaps_sum(a, "Rss:") for name, a in buffers.items()}
     huge_before = smaps_sum(loaded, "AnonHugePages:")  # (a mapping merged with older, collapsed memory: > 0)
     report = back_with_huge_pages()
     np.testing.assert_array_equal(loaded, expected)
     slack = 256 << 10  # other small allocations in the same (merged) mappings; a wrongly collapsed unit adds >= 1 MiB
-    assert smaps_sum(reserved, "Rss:") <= rss["reserved"] + slack, "the reservation was committed"
-    assert smaps_sum(partial, "Rss:") <= rss["partial"] + slack, "the partly written buffer was committed"
+    for name, array in buffers.items():
+        assert smaps_sum(array, "Rss:") <= rss[name] + slack, f"the {name} buffer was committed"
     if not huge_pages.enabled():
         assert report == huge_pages.HugePageReport()
         pytest.skip("THP mode is `never` here: nothing is collapsed")

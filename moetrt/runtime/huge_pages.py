@@ -10,12 +10,14 @@ default) gets 4 KiB pages. Measured on the mid preset's int4 engine (2 threads, 
 
 After an engine is loaded, `back_with_huge_pages()` collapses into huge pages
 (`madvise(MADV_COLLAPSE)`, Linux >= 6.1, synchronous) every 2 MiB-aligned unit of the process's anonymous
-writable memory whose 512 pages are all resident (`mincore`): memory written in full, which after a load
-is above all the weights. Units with any page not yet touched are left alone, so a static KV buffer
-(reserved, filled as tokens arrive) is not committed, and the resident set never grows. Units that are
+writable memory whose 512 pages are all present and exclusively this process's (/proc/self/pagemap):
+memory written in full, which after a load is above all the weights. Units with any page not yet written
+are left alone (a page only read maps the shared zero page, which the pagemap does not report as
+exclusive), so a static KV buffer (reserved, filled as tokens arrive, copied whole by validation) is not
+committed, and the resident set never grows. Units that are
 huge already cost a syscall each. Other memory of the process written in full (the Python heap, another
 engine) is collapsed too: that changes no value, only its page size. Source: Linux
-Documentation/admin-guide/mm/transhuge.rst, madvise(2), mincore(2).
+Documentation/admin-guide/mm/transhuge.rst, madvise(2), Documentation/admin-guide/mm/pagemap.rst.
 
 Anything the kernel refuses (THP mode `never`, no free 2 MiB block, a kernel before 6.1) leaves the pages
 as they were: the same numbers, only slower. `MOETRT_HUGE_PAGES=0` turns it off. It costs load time
@@ -29,9 +31,15 @@ import os
 import sys
 from dataclasses import dataclass
 
+import numpy as np
+
 HUGE_PAGE = 2 << 20  # x86-64 / arm64 (4 KiB base pages) PMD size
 PAGE = 4096
 MADV_COLLAPSE = 25  # include/uapi/asm-generic/mman-common.h
+# /proc/self/pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst): 63 page present, 56 page
+# exclusively mapped. A page only read, never written, is mapped to the shared zero page: present but not
+# exclusive, and collapsing it would commit memory.
+_PRESENT_EXCLUSIVE = np.uint64((1 << 63) | (1 << 56))
 ENV = "MOETRT_HUGE_PAGES"
 
 Range = tuple[int, int]
@@ -73,30 +81,34 @@ def mapped_anonymous() -> list[Range]:
 
 
 def back_with_huge_pages() -> HugePageReport:
-    """Collapse into huge pages each 2 MiB unit of anonymous writable memory whose pages are all resident.
-    Never raises; returns what was found and what the kernel accepted."""
+    """Collapse into huge pages each 2 MiB unit of anonymous writable memory whose pages are all resident and
+    this process's own. Never raises; returns what was found and what the kernel accepted."""
     if not enabled():
         return HugePageReport()
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        mincore, madvise = libc.mincore, libc.madvise
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+        pagemap = open("/proc/self/pagemap", "rb", buffering=0)  # noqa: SIM115 (closed below)
     except (OSError, AttributeError):
         return HugePageReport()
-    mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     per_unit = HUGE_PAGE // PAGE
     resident = collapsed = 0
-    for lo, hi in mapped_anonymous():
-        start, end = -(-lo // HUGE_PAGE) * HUGE_PAGE, hi // HUGE_PAGE * HUGE_PAGE
-        if end <= start:
-            continue
-        pages = (ctypes.c_ubyte * ((end - start) // PAGE))()
-        if mincore(start, end - start, pages) != 0:
-            continue
-        present = bytes(pages)
-        for i, unit in enumerate(range(start, end, HUGE_PAGE)):
-            if 0 in present[i * per_unit : (i + 1) * per_unit]:
+    with pagemap:
+        for lo, hi in mapped_anonymous():
+            start, end = -(-lo // HUGE_PAGE) * HUGE_PAGE, hi // HUGE_PAGE * HUGE_PAGE
+            if end <= start:
                 continue
-            resident += HUGE_PAGE
-            collapsed += HUGE_PAGE if madvise(unit, HUGE_PAGE, MADV_COLLAPSE) == 0 else 0
+            try:
+                pagemap.seek(start // PAGE * 8)
+                entries = np.frombuffer(pagemap.read((end - start) // PAGE * 8), dtype=np.uint64)
+            except (OSError, ValueError):
+                continue
+            units = (end - start) // HUGE_PAGE
+            if entries.size != units * per_unit:
+                continue
+            own = ((entries & _PRESENT_EXCLUSIVE) == _PRESENT_EXCLUSIVE).reshape(units, per_unit).all(axis=1)
+            for unit in np.flatnonzero(own):
+                address = start + int(unit) * HUGE_PAGE
+                resident += HUGE_PAGE
+                collapsed += HUGE_PAGE if madvise(address, HUGE_PAGE, MADV_COLLAPSE) == 0 else 0
     return HugePageReport(resident, collapsed)
