@@ -127,8 +127,11 @@ class _Constants:
             return None
         if node.op_type == "Constant":
             value = next((a for a in node.attribute if a.name in ("value", "value_int", "value_ints")), None)
-            return None if value is None else np.asarray(helper.get_attribute_value(value) if value.name != "value"
-                                                         else numpy_helper.to_array(value.t))  # fmt: skip
+            if value is None:
+                return None
+            if value.name == "value":
+                return numpy_helper.to_array(value.t)
+            return np.asarray(helper.get_attribute_value(value))
         if node.op_type in _FOLDABLE:
             return self._array(node.input[0], depth + 1)
         return None

@@ -6,7 +6,8 @@ A decode step streams every active weight once (hundreds of MB) through 4 KiB pa
 2 MiB pages need 512x fewer entries. ONNX Runtime allocates its prepacked weights (MatMulNBits/QMoE
 blocks, MoE tensors) with plain `malloc`, which on a kernel whose THP mode is `madvise` (the common
 default) gets 4 KiB pages. Measured on the mid preset's int4 engine (2 threads, AMD EPYC VM, THP mode
-`madvise`): decode tok/s +20% with the weights in huge pages (docs/attention.md).
+`madvise`): decode tok/s +7% (this collapse) to +20% (glibc's hugetlb tunable) in huge pages, against a
++-15% spread between runs (docs/attention.md).
 
 After an engine is loaded, `back_with_huge_pages()` collapses into huge pages
 (`madvise(MADV_COLLAPSE)`, Linux >= 6.1, synchronous) every 2 MiB-aligned unit of the process's anonymous
@@ -14,9 +15,9 @@ writable memory whose 512 pages are all present and exclusively this process's (
 memory written in full, which after a load is above all the weights. Units with any page not yet written
 are left alone (a page only read maps the shared zero page, which the pagemap does not report as
 exclusive), so a static KV buffer (reserved, filled as tokens arrive, copied whole by validation) is not
-committed, and the resident set never grows. Units that are
-huge already cost a syscall each. Other memory of the process written in full (the Python heap, another
-engine) is collapsed too: that changes no value, only its page size. Source: Linux
+committed, and the resident set never grows. Units that are huge already cost a syscall each. Other memory
+of the process written in full (the Python heap, another engine) is collapsed too: that changes no value,
+only its page size. Source: Linux
 Documentation/admin-guide/mm/transhuge.rst, madvise(2), Documentation/admin-guide/mm/pagemap.rst.
 
 Anything the kernel refuses (THP mode `never`, no free 2 MiB block, a kernel before 6.1) leaves the pages
@@ -47,7 +48,7 @@ Range = tuple[int, int]
 
 @dataclass(frozen=True)
 class HugePageReport:
-    """Bytes of fully resident 2 MiB units found (`resident`) and collapsed into huge pages (`collapsed`)."""
+    """Bytes of 2 MiB units found written in full (`resident`) and collapsed into huge pages (`collapsed`)."""
 
     resident: int = 0
     collapsed: int = 0
